@@ -1,0 +1,71 @@
+"""The toy tier's miniature Stable Diffusion: configurations of its parts, shaped like SD1.5 but tiny.
+
+Images are 64 x 64 px; the VAE downsamples 4x to latents of shape ``(B, 4, 16, 16)``; the text encoder is a
+3-layer CLIP text transformer (hidden 64) over the real CLIP BPE vocabulary; the UNet has 7 cross-attention layers.
+``scripts/train_toy.py`` trains these on the procedural portrait world and saves a ``StableDiffusionPipeline`` folder.
+"""
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from nbutils.clip_bpe import VOCAB_SIZE
+
+RESOLUTION = 64
+TEXT_HIDDEN = 64
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def toy_vae() -> AutoencoderKL:
+    """A 4x-downsampling KL autoencoder: ``(B, 3, 64, 64)`` in [-1, 1] <-> latents ``(B, 4, 16, 16)``."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=RESOLUTION,
+    )
+
+
+def toy_text_encoder() -> CLIPTextModel:
+    """A CLIP text transformer: token ids ``(B, 77)`` -> hidden states ``(B, 77, 64)``."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        )
+    )
+
+
+def toy_unet() -> UNet2DConditionModel:
+    """A conditional UNet on ``(B, 4, 16, 16)`` latents with cross-attention to ``(B, 77, 64)`` text states."""
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+    )
+
+
+def train_scheduler() -> DDPMScheduler:
+    """The noise schedule used for training: SD1.5's scaled-linear betas, epsilon prediction."""
+    return DDPMScheduler(**SD_BETAS, prediction_type="epsilon")
+
+
+def sample_scheduler() -> DDIMScheduler:
+    """The scheduler shipped with the pipeline: DDIM over SD1.5's betas."""
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type="epsilon")

@@ -1,0 +1,272 @@
+"""Train the toy tier from scratch on the procedural portrait world (``make toy-model``).
+
+Stages, each checkpointed under the work folder (default ``~/.cache/portrait-studio/toy-train``) and skipped when
+its output exists, so an interrupted run resumes where it stopped:
+
+1. ``data``     render the pretraining set (identities without the held-out traits) at 64 px;
+2. ``vae``      train the KL autoencoder on random 32 px crops (it is fully convolutional);
+3. ``latents``  encode the set once with the frozen VAE;
+4. ``unet``     train UNet + CLIP text encoder jointly (epsilon MSE, 10 % empty captions for guidance, EMA);
+5. ``save``     write the ``StableDiffusionPipeline`` folder ``data/models/toy-sd`` (safetensors).
+
+The toy evaluators and the toy subject are made by ``scripts/train_toy_evaluators.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from nbutils import toy_model, toyworld
+from nbutils.clip_bpe import clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_WORK = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio")) / "toy-train"
+
+
+def _render(p: toyworld.Portrait) -> np.ndarray:
+    return np.asarray(toyworld.render(p, toy_model.RESOLUTION))
+
+
+def stage_data(work: Path, n: int, seed: int) -> None:
+    """Render ``n`` pretraining portraits: ``images.npy`` (n, 64, 64, 3) uint8 and ``portraits.json``."""
+    if (work / "images.npy").exists():
+        return
+    ps = list(toyworld.portraits(seed, n))
+    with Pool(os.cpu_count()) as pool:
+        imgs = list(tqdm(pool.imap(_render, ps, chunksize=64), total=n, desc="render"))
+    np.save(work / "images.tmp.npy", np.stack(imgs))
+    (work / "portraits.json").write_text(json.dumps([toyworld.to_dict(p) for p in ps]))
+    os.replace(work / "images.tmp.npy", work / "images.npy")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``; a previous ``out`` is kept as ``out.old`` until then."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def stage_vae(work: Path, steps: int, seed: int) -> None:
+    """Train the VAE (MSE + 1e-6 KL) on random 32 px crops; report full-image PSNR on held-out renders."""
+    out = work / "vae.safetensors"
+    if out.exists():
+        return
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = np.load(work / "images.npy", mmap_mode="r")
+    vae = toy_model.toy_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    bar = tqdm(range(steps), desc="vae")
+    for _ in bar:
+        idx = np.sort(rng.choice(len(images) - 256, 32, replace=False))
+        y, x = rng.integers(0, 33, 2)
+        crop = _to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32]))
+        post = vae.encode(crop).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, crop) + 1e-6 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        held = _to_tensor(np.ascontiguousarray(images[-256:]))
+        lat = vae.encode(held).latent_dist.mean
+        rec = vae.decode(lat).sample.clamp(-1, 1)
+        mse = F.mse_loss((rec + 1) / 2, (held + 1) / 2).item()
+    scaling = 1.0 / lat.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    save_file(vae.state_dict(), out)
+    (work / "vae.json").write_text(json.dumps({"psnr_db": -10 * math.log10(mse), "scaling_factor": scaling}))
+    print(f"VAE held-out PSNR {-10 * math.log10(mse):.1f} dB, scaling factor {scaling:.3f}")
+
+
+def load_vae(work: Path):
+    vae = toy_model.toy_vae()
+    vae.load_state_dict(load_file(work / "vae.safetensors"))
+    vae.register_to_config(scaling_factor=json.loads((work / "vae.json").read_text())["scaling_factor"])
+    return vae.eval().requires_grad_(False)
+
+
+def stage_latents(work: Path) -> None:
+    """Encode every image once: ``latents.safetensors`` (n, 4, 16, 16), already times the scaling factor."""
+    out = work / "latents.safetensors"
+    if out.exists():
+        return
+    vae = load_vae(work)
+    images = np.load(work / "images.npy", mmap_mode="r")
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 256), desc="encode"):
+            x = _to_tensor(np.ascontiguousarray(images[i : i + 256]))
+            chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    save_file({"latents": torch.cat(chunks).contiguous()}, out)
+
+
+def _portrait(d: dict) -> toyworld.Portrait:
+    ident = toyworld.Identity(**{k: d[k] for k in toyworld.IDENTITY_FIELDS})
+    rest = {k: v for k, v in d.items() if k not in toyworld.IDENTITY_FIELDS}
+    return toyworld.Portrait(identity=ident, **rest)
+
+
+def _save_unet_ckpt(path: Path, step: int, unet, te, ema_unet, ema_te, opt) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(unet.state_dict(), tmp / "unet.safetensors")
+    save_file(te.state_dict(), tmp / "text_encoder.safetensors")
+    save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(ema_unet.shadow_params)}, tmp / "ema_unet.safetensors")
+    save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(ema_te.shadow_params)}, tmp / "ema_te.safetensors")
+    state = opt.state_dict()
+    tensors = {f"{k}.{name}": v.contiguous() for k, s in state["state"].items() for name, v in s.items() if torch.is_tensor(v)}
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "ema_step": ema_unet.optimization_step}))
+    if path.exists():
+        os.replace(path, path.with_suffix(".old"))
+    os.replace(tmp, path)
+
+
+def _load_unet_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:
+    unet.load_state_dict(load_file(path / "unet.safetensors"))
+    te.load_state_dict(load_file(path / "text_encoder.safetensors"))
+    for ema, name in ((ema_unet, "ema_unet"), (ema_te, "ema_te")):
+        saved = load_file(path / f"{name}.safetensors")
+        ema.shadow_params = [saved[f"{i}"] for i in range(len(saved))]
+    meta = json.loads((path / "state.json").read_text())
+    ema_unet.optimization_step = ema_te.optimization_step = meta["ema_step"]
+    tensors = load_file(path / "optimizer.safetensors")
+    state = opt.state_dict()
+    for key, v in tensors.items():
+        k, name = key.split(".", 1)
+        state["state"].setdefault(int(k), {})[name] = v
+    opt.load_state_dict(state)
+    return meta["step"]
+
+
+def stage_unet(work: Path, steps: int, batch: int, seed: int, ckpt_every: int = 200) -> None:
+    """Train UNet + text encoder from scratch on the cached latents; checkpoint and resume under ``work/unet``."""
+    done = work / "unet-final"
+    if done.exists():
+        return
+    torch.manual_seed(seed)
+    latents = load_file(work / "latents.safetensors")["latents"]
+    portraits = [_portrait(d) for d in json.loads((work / "portraits.json").read_text())]
+    tok = clip_tokenizer()
+    unet, te = toy_model.toy_unet(), toy_model.toy_text_encoder()
+    noise_sched = toy_model.train_scheduler()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    ema_unet = EMAModel(unet.parameters(), decay=0.999)
+    ema_te = EMAModel(te.parameters(), decay=0.999)
+    ckpt = work / "unet-ckpt"
+    start = _load_unet_ckpt(ckpt, unet, te, ema_unet, ema_te, opt) if ckpt.exists() else 0
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / 100)
+        return 3e-4 * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+    log = open(work / "unet-loss.jsonl", "a")
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="unet")
+    for step in bar:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the batch of step k is the same after a resume
+        rng = random.Random(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        captions = ["" if rng.random() < 0.1 else toyworld.caption_variants(portraits[i], rng) for i in idx.tolist()]
+        ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, te(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema_unet.step(unet.parameters())
+        ema_te.step(te.parameters())
+        log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            log.flush()
+            _save_unet_ckpt(ckpt, step + 1, unet, te, ema_unet, ema_te, opt)
+    log.close()
+    ema_unet.copy_to(unet.parameters())
+    ema_te.copy_to(te.parameters())
+    tmp = work / "unet-final.tmp"
+    tmp.mkdir(exist_ok=True)
+    save_file(unet.state_dict(), tmp / "unet.safetensors")
+    save_file(te.state_dict(), tmp / "text_encoder.safetensors")
+    os.replace(tmp, done)
+
+
+def stage_save(work: Path, out: Path) -> None:
+    """Assemble and save the ``StableDiffusionPipeline`` folder (safetensors) at ``out``."""
+    unet, te = toy_model.toy_unet(), toy_model.toy_text_encoder()
+    unet.load_state_dict(load_file(work / "unet-final" / "unet.safetensors"))
+    te.load_state_dict(load_file(work / "unet-final" / "text_encoder.safetensors"))
+    pipe = StableDiffusionPipeline(
+        vae=load_vae(work), text_encoder=te, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=toy_model.sample_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    info = {"vae": json.loads((work / "vae.json").read_text()), "trained_by": "scripts/train_toy.py"}
+    (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    replace_dir(tmp, out)
+    print(f"saved {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--out", type=Path, default=REPO / "data" / "models" / "toy-sd")
+    ap.add_argument("--images", type=int, default=12000)
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for name, fn in [
+        ("data", lambda: stage_data(args.work, args.images, args.seed)),
+        ("vae", lambda: stage_vae(args.work, args.vae_steps, args.seed)),
+        ("latents", lambda: stage_latents(args.work)),
+        ("unet", lambda: stage_unet(args.work, args.unet_steps, args.batch, args.seed)),
+        ("save", lambda: stage_save(args.work, args.out)),
+    ]:
+        t = time.time()
+        fn()
+        print(f"stage {name}: {time.time() - t:.0f} s (total {time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
