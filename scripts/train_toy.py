@@ -70,7 +70,7 @@ def _to_tensor(batch: np.ndarray) -> torch.Tensor:
 
 
 def stage_vae(work: Path, steps: int, seed: int) -> None:
-    """Train the VAE (MSE + 1e-6 KL) on random 32 px crops; report full-image PSNR on held-out renders."""
+    """Train the VAE (MSE + L1 + 1e-6 KL) on random 32 px crops; report full-image PSNR on held-out renders."""
     out = work / "vae.safetensors"
     if out.exists():
         return
@@ -79,15 +79,15 @@ def stage_vae(work: Path, steps: int, seed: int) -> None:
     images = np.load(work / "images.npy", mmap_mode="r")
     vae = toy_model.toy_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="vae")
     for _ in bar:
-        idx = np.sort(rng.choice(len(images) - 256, 32, replace=False))
-        y, x = rng.integers(0, 33, 2)
+        idx = np.sort(rng.choice(len(images) - 256, 16, replace=False))
+        y, x = rng.integers(0, 64 - 32 + 1, 2)
         crop = _to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32]))
         post = vae.encode(crop).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, crop) + 1e-6 * post.kl().mean()
+        loss = F.mse_loss(rec, crop) + F.l1_loss(rec, crop) + 1e-6 * post.kl().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -249,11 +249,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=REPO / "data" / "models" / "toy-sd")
     ap.add_argument("--images", type=int, default=12000)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads; 1 is much faster when other jobs share the cores")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for name, fn in [

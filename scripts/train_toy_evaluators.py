@@ -183,7 +183,10 @@ def main() -> None:
     ap.add_argument("--clip-out", type=Path, default=TOY_CLIP_DIR)
     ap.add_argument("--subject-out", type=Path, default=SUBJECT_DIR)
     ap.add_argument("--report-renders", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads; 1 is much faster when other jobs share the cores")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cache = args.work / "eval-images.npy"

@@ -1,0 +1,417 @@
+"""Evaluation metrics with one interface for every model tier.
+
+* **Identity**: mean cosine similarity of face embeddings, generated x reference. The real tier uses dlib's 128-D
+  ResNet face descriptor (``DlibFaceEmbedder``); the toy tier a toy identity embedder with the same protocol
+  (``IdentityEmbedder``).
+* **CLIP-T / CLIP-I** (DreamBooth's text and image fidelity): mean cosine of CLIP embeddings, reported as raw cosines
+  in [-1, 1], *not* in the ``100 * max(cos, 0)`` CLIPScore convention. Any ``CLIPModel`` by hub id or local folder.
+* **FID / KID / IS** through torchmetrics with an injected feature network (the toy evaluator's on the toy tier).
+
+``evaluate_images`` is the one call a method notebook makes per checkpoint; ``suite_for_tier`` builds its models.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import dlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
+
+from nbutils.faces import centre_crop, detect_faces, face_model_path
+from nbutils.models import ModelUnavailable, Tier
+from nbutils.prompts import strip_subject
+
+REAL_CLIP = "openai/clip-vit-base-patch32"
+BATCH = 32  # images per forward pass of a CLIP or feature network
+NoFaceRule = Literal["zero", "skip"]
+
+
+# --------------------------------------------------------------------------------------------------- identity
+class IdentityEmbedder(Protocol):
+    """Anything that embeds faces: dlib on the real tier, the toy identity embedder on the toy tier."""
+
+    name: str
+
+    def embed(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) float32 L2-normalised embeddings and (N,) bool 'face found'; rows with no face are zeros."""
+        ...
+
+
+class DlibFaceEmbedder:
+    """dlib's face recognition: the 128-D ResNet descriptor of the largest face that ``nbutils.faces`` detects
+    (HOG detector, 5-point landmarks) in each image, on the CPU.
+
+    dlib's own rule: two descriptors closer than 0.6 (Euclidean) are the same person (99.38% on LFW). The detector
+    finds frontal faces of about 40 px and larger (photos are first scaled to at most 640 px, see ``nbutils.faces``).
+    """
+
+    name = "dlib-resnet-v1"
+    same_person_distance = 0.6
+
+    def __init__(self) -> None:
+        self._resnet = dlib.face_recognition_model_v1(str(face_model_path("dlib_face_recognition_resnet_model_v1.dat")))
+
+    def descriptors(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """dlib's raw (N, 128) float32 descriptors (not unit length) and (N,) bool 'face found'; no face -> zeros."""
+        out = torch.zeros(len(images), 128)
+        found = torch.zeros(len(images), dtype=torch.bool)
+        for i, image in enumerate(tqdm(images, desc="dlib faces", leave=False)):
+            faces = detect_faces(image)
+            if faces:
+                face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+                shape = dlib.full_object_detection(dlib.rectangle(*map(int, face.box)),
+                                                   [dlib.point(round(x), round(y)) for x, y in face.landmarks])
+                out[i] = torch.tensor(self._resnet.compute_face_descriptor(np.asarray(image.convert("RGB")), shape))
+                found[i] = True
+        return out, found
+
+    def embed(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 128) float32 unit-length descriptors and (N,) bool 'face found'; rows with no face are zeros."""
+        desc, found = self.descriptors(images)
+        return F.normalize(desc, dim=1), found
+
+    def face_distance(self, images_a: Sequence[Image.Image], images_b: Sequence[Image.Image]) -> torch.Tensor:
+        """(Na, Nb) float32 Euclidean distances of dlib descriptors; NaN where either image has no face.
+
+        ``< self.same_person_distance`` (0.6) is dlib's same-person rule.
+        """
+        a, found_a = self.descriptors(images_a)
+        b, found_b = self.descriptors(images_b)
+        dist = torch.cdist(a.double(), b.double()).float()
+        dist[~found_a] = float("nan")
+        dist[:, ~found_b] = float("nan")
+        return dist
+
+
+def _identity_scores(
+    gen: torch.Tensor, gen_found: torch.Tensor, ref: torch.Tensor, ref_found: torch.Tensor, rule: NoFaceRule
+) -> dict[str, float | int | str | None]:
+    """Identity scores from embeddings: see ``identity_similarity``."""
+    if rule not in ("zero", "skip"):
+        raise ValueError(f"no_face must be 'zero' or 'skip', not {rule!r}")
+    if len(gen) == 0:
+        raise ValueError("no generated images to score; generate at least one image per prompt")
+    if not ref_found.any():
+        raise ValueError(
+            f"no face found in any of the {len(ref)} reference photos; use photos where the face is clearly visible, "
+            "facing the camera"
+        )
+    cos = torch.where(gen_found[:, None], gen @ ref[ref_found].T, 0.0)  # (N_gen, N_ref_faces)
+    if rule == "zero":
+        identity: float | None = cos.mean().item()
+    else:
+        identity = cos[gen_found].mean().item() if gen_found.any() else None
+    return {
+        "identity": identity,
+        "detection_rate": gen_found.float().mean().item(),
+        "n_generated": len(gen),
+        "n_faces": int(gen_found.sum()),
+        "n_reference_faces": int(ref_found.sum()),
+        "rule": rule,
+    }
+
+
+def identity_similarity(
+    generated: Sequence[Image.Image],
+    references: Sequence[Image.Image],
+    embedder: IdentityEmbedder,
+    *,
+    no_face: NoFaceRule = "zero",
+) -> dict[str, float | int | str | None]:
+    """Mean cosine similarity of face embeddings over all generated x reference pairs.
+
+    Papers differ on generated images where no face is found, so the rule is explicit: ``"zero"`` scores each of
+    their pairs 0 (a missing face is a failure of identity; comparable across methods), ``"skip"`` averages over the
+    images with a face only (``identity`` is ``None`` if there are none). Reference photos without a face are left
+    out; if none has a face this raises ``ValueError``.
+
+    Returns ``{"identity", "detection_rate" (share of generated images with a face), "n_generated", "n_faces",
+    "n_reference_faces", "rule"}``.
+    """
+    gen, gen_found = embedder.embed(generated)
+    ref, ref_found = embedder.embed(references)
+    return _identity_scores(gen, gen_found, ref, ref_found, no_face)
+
+
+# --------------------------------------------------------------------------------------------------- CLIP
+class ClipScorer:
+    """CLIP-T and CLIP-I with any ``CLIPModel``, by hub id or local folder (loaded once, kept on ``device``).
+
+    The folder (or hub repo) must hold the model (safetensors), its tokenizer and ``preprocessor_config.json``.
+    Images are preprocessed by transformers' PIL backend, the same on every machine. Raises ``ModelUnavailable``
+    when the model cannot be loaded, so a caller can report the other metrics.
+    """
+
+    def __init__(self, model_ref: str | Path, device: str | torch.device = "cpu") -> None:
+        self.name = str(model_ref)
+        self.device = torch.device(device)
+        try:
+            self.model = CLIPModel.from_pretrained(model_ref, use_safetensors=True).eval().to(self.device)
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_ref)
+            self.image_processor = AutoImageProcessor.from_pretrained(model_ref, backend="pil")
+        except (OSError, ValueError) as err:
+            if Path(model_ref).is_dir():
+                fix = (f"the folder {self.name!r} is not a complete CLIP folder: re-save it with CLIPModel and "
+                       "CLIPProcessor .save_pretrained (safetensors weights, tokenizer, preprocessor_config.json)")
+            else:
+                fix = (f"CLIP model {self.name!r} is neither a local folder nor in the Hugging Face cache: download "
+                       f"it once with network access (`hf download {model_ref}`) or pass a CLIP folder (the toy "
+                       "one comes from `make toy-model`)")
+            raise ModelUnavailable(f"{fix}.") from err
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, P) float32 unit-length CLIP image embeddings on the CPU (P: the model's projection size)."""
+        if not images:
+            raise ValueError("no images to embed")
+        feats = []
+        for start in range(0, len(images), BATCH):
+            batch = [image.convert("RGB") for image in images[start : start + BATCH]]
+            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
+            feats.append(out.pooler_output.float().cpu())  # transformers 5 returns a ModelOutput, not a tensor
+        return F.normalize(torch.cat(feats), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, P) float32 unit-length CLIP text embeddings on the CPU; prompts longer than 77 tokens are cut."""
+        if not prompts:
+            raise ValueError("no prompts to embed")
+        feats = []
+        for start in range(0, len(prompts), BATCH):
+            tokens = self.tokenizer(list(prompts[start : start + BATCH]), padding=True, truncation=True,
+                                    max_length=self.tokenizer.model_max_length, return_tensors="pt")
+            out = self.model.get_text_features(**tokens.to(self.device))
+            feats.append(out.pooler_output.float().cpu())
+        return F.normalize(torch.cat(feats), dim=-1)
+
+    def clip_t(self, images: Sequence[Image.Image], prompts: str | Sequence[str]) -> float:
+        """Mean cosine of each image with its prompt (one prompt for all, or one per image).
+
+        Pass prompts *without* the subject token (``nbutils.prompts.strip_subject``).
+        """
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt, or one per image")
+        unique = sorted(set(prompts))
+        text = self.text_features(unique)[[unique.index(p) for p in prompts]]
+        return (self.image_features(images) * text).sum(dim=-1).mean().item()
+
+    def clip_i(self, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
+        """Mean cosine of CLIP image embeddings over all generated x reference pairs."""
+        return (self.image_features(images) @ self.image_features(references).T).mean().item()
+
+
+# --------------------------------------------------------------------------------------------------- FID, KID, IS
+def _input_size(net: nn.Module, image_size: int | None) -> int:
+    size = image_size if image_size is not None else getattr(net, "image_size", None)
+    if size is None:
+        raise ValueError(f"the input size of {type(net).__name__} is unknown; pass image_size= or give the network "
+                         "an `image_size` attribute (pixels)")
+    return int(size)
+
+
+def images_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(N, 3, size, size) float32 in [0, 1]: each image centre-cropped to a square and resized (Lanczos)."""
+    squares = [np.asarray(centre_crop(image, size)) for image in images]
+    return torch.from_numpy(np.stack(squares)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.no_grad()
+def network_outputs(net: nn.Module, images: Sequence[Image.Image], image_size: int | None = None) -> torch.Tensor:
+    """(N, D) float32 CPU outputs of ``net`` for ``images`` given as (B, 3, S, S) floats in [0, 1] on its device.
+
+    S is ``image_size``, else ``net.image_size``; every image is centre-cropped and resized to S x S first.
+    The network is used as given (put it in eval mode).
+    """
+    size = _input_size(net, image_size)
+    tensor = next(itertools.chain(net.parameters(), net.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    outs = [net(batch.to(device)).float().cpu() for batch in images_to_tensor(images, size).split(BATCH)]
+    return torch.cat(outs)
+
+
+class _Given(nn.Module):
+    """A pass-through "network": torchmetrics then runs on outputs computed once by ``network_outputs``."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features  # read by FrechetInceptionDistance instead of a dummy forward pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def inception_score(
+    images: Sequence[Image.Image], logits_net: nn.Module, *, image_size: int | None = None, seed: int = 0
+) -> dict[str, float | None]:
+    """Inception Score of ``images`` with ``logits_net`` ((B, 3, S, S) in [0, 1] -> (B, C) logits), in [1, C].
+
+    One split per 10 images (at most 10), so ``is_std`` is ``None`` for fewer than 20 images; the splits are drawn
+    from ``seed``. Returns ``{"is_mean", "is_std"}``.
+    """
+    logits = network_outputs(logits_net, images, image_size)
+    splits = max(1, min(10, len(images) // 10))
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")  # one split: std is None
+        torch.manual_seed(seed)
+        metric = InceptionScore(feature=_Given(logits.shape[1]), splits=splits)
+        metric.update(logits)
+        mean, std = metric.compute()
+    return {"is_mean": mean.item(), "is_std": std.item() if splits > 1 else None}
+
+
+def distribution_metrics(
+    real_images: Sequence[Image.Image],
+    fake_images: Sequence[Image.Image],
+    feature_net: nn.Module,
+    logits_net: nn.Module | None = None,
+    *,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, float | None]:
+    """FID and KID between two image sets, and the Inception Score of ``fake_images``, via torchmetrics.
+
+    ``feature_net`` maps (B, 3, S, S) float images in [0, 1] to (B, D) features; ``logits_net`` maps them to (B, C)
+    class logits (``None`` -> ``is_mean``/``is_std`` are ``None``; see ``inception_score``). Every image is
+    centre-cropped and resized to S = ``image_size``, else the net's ``image_size`` attribute, whatever its own
+    resolution. No torch-fidelity is needed: torchmetrics only wants it for its own Inception network. KID uses 100
+    random subsets of ``min(50, n)`` images (n: the smaller set), drawn from ``seed``. With a few dozen images these
+    are rough, biased estimates: compare them only at equal set sizes.
+
+    Returns ``{"fid", "kid_mean", "kid_std", "is_mean", "is_std"}``.
+    """
+    if len(real_images) < 2 or len(fake_images) < 2:
+        raise ValueError(f"FID and KID need at least 2 images per set, got {len(real_images)} real and "
+                         f"{len(fake_images)} generated")
+    real = network_outputs(feature_net, real_images, image_size)
+    fake = network_outputs(feature_net, fake_images, image_size)
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        torch.manual_seed(seed)
+        fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+        kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subset_size=min(50, len(real), len(fake)))
+        for metric in (fid, kid):
+            metric.update(real, real=True)
+            metric.update(fake, real=False)
+        kid_mean, kid_std = kid.compute()
+        result: dict[str, float | None] = {"fid": fid.compute().item(), "kid_mean": kid_mean.item(),
+                                           "kid_std": kid_std.item(), "is_mean": None, "is_std": None}
+    if logits_net is not None:
+        result.update(inception_score(fake_images, logits_net, image_size=image_size, seed=seed))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- one call
+@dataclass
+class EvalSuite:
+    """The models that score one tier; a part left ``None`` is reported as ``None`` (with a warning)."""
+
+    identity: IdentityEmbedder
+    clip: ClipScorer | None = None
+    feature_net: nn.Module | None = None  # (B, 3, S, S) in [0, 1] -> (B, D) features, for FID/KID
+    logits_net: nn.Module | None = None  # (B, 3, S, S) in [0, 1] -> (B, C) logits, for IS
+    image_size: int | None = None  # S; None: the nets' own `image_size` attribute
+
+
+def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
+    """The evaluation models of a tier.
+
+    ``real``: dlib faces + ``openai/clip-vit-base-patch32`` (``None`` with a warning if it cannot be loaded) and no
+    FID/KID/IS network: the standard FID Inception weights exist only as a pickled ``.pth`` (via torch-fidelity),
+    which this project does not load; set ``suite.feature_net``/``suite.logits_net`` to a network of your choice.
+    ``toy``/``tiny``: the toy evaluators (``nbutils.toy_evaluators``) and the toy CLIP folder.
+    """
+    if tier == "real":
+        return EvalSuite(DlibFaceEmbedder(), _optional_clip(REAL_CLIP, device))
+    if tier in ("toy", "tiny"):
+        from nbutils.toy_evaluators import SIZE, load_toy_evaluators  # lazy: needs the trained toy evaluators
+
+        toy = load_toy_evaluators()
+        return EvalSuite(toy.identity, _optional_clip(toy.clip_ref, device), toy.feature_net, toy.logits_net, SIZE)
+    raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
+
+
+def _optional_clip(model_ref: str | Path, device: str | torch.device) -> ClipScorer | None:
+    try:
+        return ClipScorer(model_ref, device)
+    except ModelUnavailable as err:
+        warnings.warn(f"CLIP-T and CLIP-I will be None: {err}", stacklevel=3)
+        return None
+
+
+def evaluate_images(
+    generated: Mapping[str, Sequence[Image.Image]],
+    references: Sequence[Image.Image],
+    suite: EvalSuite,
+    *,
+    subject_phrase: str,
+    class_phrase: str = "a person",
+    no_face: NoFaceRule = "zero",
+    seed: int = 0,
+) -> dict:
+    """Every metric of one checkpoint: ``generated`` maps each prompt (with ``subject_phrase`` in it) to its images.
+
+    Identity and CLIP-T are given overall and per prompt (``"per_prompt"``); CLIP-T compares each image with its
+    prompt after ``strip_subject(prompt, subject_phrase, class_phrase)``. CLIP-I compares generated with reference
+    images. FID/KID compare the references (real) with all generated images, IS scores the generated ones; with a
+    handful of reference photos they are rough, so compare them only between runs with equal set sizes. A metric
+    whose model is missing from ``suite`` is ``None``, with a warning. See ``identity_similarity`` for ``no_face``.
+
+    Returns the keys of ``identity_similarity`` plus ``identity_model``, ``clip_model``, ``clip_t``, ``clip_i``,
+    ``fid``, ``kid_mean``, ``kid_std``, ``is_mean``, ``is_std`` and ``per_prompt``: ``{prompt: {"identity",
+    "detection_rate", "clip_t"}}``.
+    """
+    prompts = list(generated)
+    class_prompts = [strip_subject(p, subject_phrase, class_phrase) for p in prompts]  # fails early on a typo
+    images = [image for prompt in prompts for image in generated[prompt]]
+    bounds = np.cumsum([0] + [len(generated[p]) for p in prompts])
+    gen, gen_found = suite.identity.embed(images)
+    ref, ref_found = suite.identity.embed(references)
+    result: dict = {"identity_model": suite.identity.name, **_identity_scores(gen, gen_found, ref, ref_found, no_face)}
+
+    clip_t = None  # (N_generated,) cosine of each image with its stripped prompt
+    result.update(clip_model=suite.clip.name if suite.clip else None, clip_t=None, clip_i=None)
+    if suite.clip is None:
+        warnings.warn("no CLIP model in the suite: CLIP-T and CLIP-I are None", stacklevel=2)
+    else:
+        image_feats = suite.clip.image_features(images)
+        text_feats = suite.clip.text_features(class_prompts)
+        owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.from_numpy(np.diff(bounds)))
+        clip_t = (image_feats * text_feats[owner]).sum(dim=-1)
+        result["clip_t"] = clip_t.mean().item()
+        result["clip_i"] = (image_feats @ suite.clip.image_features(references).T).mean().item()
+
+    per_prompt = {}
+    for p, a, b in zip(prompts, bounds[:-1], bounds[1:]):
+        scores = _identity_scores(gen[a:b], gen_found[a:b], ref, ref_found, no_face)
+        per_prompt[p] = {"identity": scores["identity"], "detection_rate": scores["detection_rate"],
+                         "clip_t": None if clip_t is None else clip_t[a:b].mean().item()}
+
+    result.update(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None)
+    if suite.feature_net is None:
+        warnings.warn("no feature network in the suite (the real tier has none, see suite_for_tier): FID and KID "
+                      "are None", stacklevel=2)
+    else:
+        result.update(distribution_metrics(references, images, suite.feature_net, image_size=suite.image_size,
+                                           seed=seed))
+    if suite.logits_net is None:
+        warnings.warn("no logits network in the suite: the Inception Score is None", stacklevel=2)
+    else:
+        result.update(inception_score(images, suite.logits_net, image_size=suite.image_size, seed=seed))
+    result["per_prompt"] = per_prompt
+    return result

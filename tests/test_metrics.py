@@ -1,0 +1,324 @@
+"""Evaluation metrics: dlib identity, CLIP-T/CLIP-I on a tiny random CLIP, FID/KID/IS, prompts, one-call evaluation."""
+from __future__ import annotations
+
+import random
+import re
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+from torch import nn
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+from nbutils import metrics
+from nbutils.clip_bpe import clip_tokenizer
+from nbutils.models import ModelUnavailable
+from nbutils.metrics import (
+    ClipScorer,
+    DlibFaceEmbedder,
+    EvalSuite,
+    distribution_metrics,
+    evaluate_images,
+    identity_similarity,
+    images_to_tensor,
+    inception_score,
+)
+from nbutils.prompts import CATEGORIES, PROMPT_SETS, strip_subject
+from nbutils.toyworld import TOY_SUBJECT, caption_variants, portraits, render, with_fields
+
+SEED = 0
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def dlib_faces() -> DlibFaceEmbedder:
+    return DlibFaceEmbedder()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    return Image.fromarray(skimage.data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def cat() -> Image.Image:
+    return Image.fromarray(skimage.data.chelsea())
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random CLIPModel folder with SD1.5's real tokenizer and a 32 px image processor."""
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(SEED)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_dir) -> ClipScorer:
+    return ClipScorer(tiny_clip_dir)
+
+
+class ColourLayout(nn.Module):
+    """A deterministic feature net: the mean colour of a 4 x 4 grid, (B, 3, 16, 16) -> (B, 48)."""
+
+    image_size = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+class ColourClassifier(nn.Module):
+    """Logits for 'mostly red / green / blue': (B, 3, 8, 8) -> (B, 3), near one-hot for pure colours."""
+
+    image_size = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 100.0 * x.mean(dim=(2, 3))
+
+
+class ColourEmbedder:
+    """A stand-in identity embedder (the protocol the toy one follows): mean colour; a black image has no face."""
+
+    name = "mean-colour"
+
+    def embed(self, images):
+        x = images_to_tensor(images, 8).mean(dim=(2, 3))
+        found = x.sum(dim=1) > 0.05
+        return torch.where(found[:, None], F.normalize(x, dim=1), 0.0), found
+
+
+def toy_images(seed: int, n: int, size: int = 32, **changes) -> list[Image.Image]:
+    return [render(with_fields(p, **changes), size) for p in portraits(seed, n)]
+
+
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub offline mode (huggingface_hub reads HF_HUB_OFFLINE once, at import, so patch the constant too)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+# --------------------------------------------------------------------------------------------------- identity (dlib)
+def test_same_photo_twice_is_identity_one(dlib_faces, astronaut):
+    scores = identity_similarity([astronaut], [astronaut], dlib_faces)
+    assert scores["identity"] == pytest.approx(1.0, abs=1e-5)
+    assert scores["detection_rate"] == 1.0 and scores["n_faces"] == 1 and scores["n_reference_faces"] == 1
+    assert dlib_faces.face_distance([astronaut], [astronaut]).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_flipped_cropped_recoloured_copy_is_the_same_person(dlib_faces, astronaut):
+    copy = ImageOps.mirror(astronaut).crop((60, 0, 460, 400))
+    copy = ImageEnhance.Brightness(ImageEnhance.Color(copy).enhance(0.3)).enhance(1.2)
+    distance = dlib_faces.face_distance([astronaut], [copy]).item()
+    assert 0.0 < distance < dlib_faces.same_person_distance
+    assert identity_similarity([copy], [astronaut], dlib_faces)["identity"] > 0.9
+
+
+def test_no_face_rule_zero_and_skip(dlib_faces, astronaut, cat):
+    embeddings, found = dlib_faces.embed([astronaut, cat])
+    assert found.tolist() == [True, False]
+    assert embeddings[0].norm().item() == pytest.approx(1.0, abs=1e-5) and embeddings[1].abs().sum() == 0
+    only_cat = identity_similarity([cat], [astronaut], dlib_faces, no_face="skip")
+    assert only_cat["identity"] is None and only_cat["detection_rate"] == 0.0 and only_cat["n_faces"] == 0
+    zero = identity_similarity([astronaut, cat], [astronaut], dlib_faces, no_face="zero")
+    skip = identity_similarity([astronaut, cat], [astronaut], dlib_faces, no_face="skip")
+    assert zero["identity"] == pytest.approx(0.5, abs=1e-5) and zero["rule"] == "zero"
+    assert skip["identity"] == pytest.approx(1.0, abs=1e-5) and skip["detection_rate"] == 0.5
+    assert torch.isnan(dlib_faces.face_distance([astronaut], [cat])).all()
+
+
+def test_identity_bad_input_is_a_clear_error(dlib_faces, astronaut, cat):
+    with pytest.raises(ValueError, match="no face found in any of the 1 reference photos"):
+        identity_similarity([astronaut], [cat], dlib_faces)
+    with pytest.raises(ValueError, match="'zero' or 'skip'"):
+        identity_similarity([astronaut], [astronaut], dlib_faces, no_face="ignore")
+
+
+# --------------------------------------------------------------------------------------------------- CLIP
+def test_clip_scores_are_cosines(clip):
+    images = toy_images(SEED, 3)
+    feats = clip.image_features(images)
+    assert feats.shape == (3, 16) and feats.dtype == torch.float32
+    assert torch.allclose(feats.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert clip.clip_i(images[:1], images[:1]) == pytest.approx(1.0, abs=1e-5)
+    cross = clip.clip_i(images[:1], images[1:])
+    assert -1.0 <= cross < 1.0 - 1e-4
+    assert cross == pytest.approx((feats[0] @ feats[1:].T).mean().item(), abs=1e-6)
+
+
+def test_clip_text_path(clip):
+    texts = clip.text_features(["a photo of a person", "a photo of a person", "a pencil sketch of a cat"])
+    assert texts.shape == (3, 16)
+    assert torch.allclose(texts[0], texts[1]) and not torch.allclose(texts[0], texts[2], atol=1e-3)
+    assert clip.text_features(["a person " * 100]).shape == (1, 16)  # cut at 77 tokens, not an error
+    images = toy_images(SEED, 2)
+    prompts = ["a photo of a person", "a pencil sketch of a cat"]
+    expected = (clip.image_features(images) * texts[[0, 2]]).sum(dim=1).mean().item()
+    assert clip.clip_t(images, prompts) == pytest.approx(expected, abs=1e-6)
+    assert -1.0 <= clip.clip_t(images, "a photo of a person") <= 1.0
+    with pytest.raises(ValueError, match="2 images but 3 prompts"):
+        clip.clip_t(images, prompts + prompts[:1])
+
+
+def test_clip_unavailable_is_a_clear_error(monkeypatch, tmp_path):
+    offline(monkeypatch)
+    with pytest.raises(ModelUnavailable, match=r"hf download portrait-studio-tests/no-such-clip"):
+        ClipScorer("portrait-studio-tests/no-such-clip")
+    with pytest.raises(ModelUnavailable, match="re-save it"):
+        ClipScorer(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------- FID, KID, IS
+def test_fid_kid_same_set_zero_different_sets_positive():
+    portraits_a = toy_images(1, 24)
+    night = toy_images(2, 24, scene="night", style="pixel art")
+    same = distribution_metrics(portraits_a, portraits_a, ColourLayout())
+    other = distribution_metrics(portraits_a, night, ColourLayout())
+    assert set(same) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std"}
+    assert abs(same["fid"]) < 1e-6 < 0.1 < other["fid"]
+    assert abs(same["kid_mean"]) < 0.1 * other["kid_mean"]  # unbiased MMD of a set with itself: -O(1/n)
+    assert other["kid_std"] >= 0.0 and same["is_mean"] is None and same["is_std"] is None
+
+
+def test_mismatched_resolutions_are_resized_to_the_net_input():
+    small = toy_images(1, 12, size=32)
+    large = [im.resize((64, 64), Image.Resampling.BICUBIC) for im in small]
+    wide = [ImageOps.expand(im, border=(8, 0, 8, 0)) for im in small]  # 48 x 32: the centre crop is the original
+    target = images_to_tensor(small, 16)
+    assert images_to_tensor(wide, 16).shape == target.shape == (12, 3, 16, 16)
+    for other in (wide, large):
+        assert (images_to_tensor(other, 16) - target).abs().mean() < 0.01
+    resized = distribution_metrics(small, large, ColourLayout())["fid"]
+    different = distribution_metrics(small, toy_images(2, 12, size=64, scene="night"), ColourLayout())["fid"]
+    assert resized < 0.05 * different
+    with pytest.raises(ValueError, match="image_size"):
+        distribution_metrics(small, large, nn.Flatten())
+    with pytest.raises(ValueError, match="at least 2 images"):
+        distribution_metrics(small[:1], large, ColourLayout())
+
+
+def test_inception_score_range():
+    pure = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255)) for _ in range(5)]
+    three = inception_score(pure, ColourClassifier())
+    assert three["is_mean"] == pytest.approx(3.0, abs=1e-3) and three["is_std"] is None  # 15 images: one split
+    one_class = inception_score(pure[:5] * 4, ColourClassifier())
+    assert one_class["is_mean"] == pytest.approx(1.0, abs=1e-3) and one_class["is_std"] is not None
+    portraits_a, portraits_b = toy_images(1, 12), toy_images(2, 24)
+    mixed = distribution_metrics(portraits_a, portraits_b, ColourLayout(), ColourClassifier())
+    assert 1.0 <= mixed["is_mean"] <= 3.0 and mixed["is_std"] >= 0.0
+    assert mixed == distribution_metrics(portraits_a, portraits_b, ColourLayout(), ColourClassifier())  # seeded
+
+
+# --------------------------------------------------------------------------------------------------- one call
+def test_evaluate_images_matches_the_single_metrics(clip):
+    subject = "sks person"
+    generated = {
+        "a photo of sks person, on the beach": toy_images(3, 4, scene="beach"),
+        "a pencil sketch of sks person": toy_images(4, 3, style="sketch") + [Image.new("RGB", (32, 32))],
+    }
+    references = toy_images(5, 4)
+    suite = EvalSuite(ColourEmbedder(), clip, ColourLayout(), ColourClassifier())
+    result = evaluate_images(generated, references, suite, subject_phrase=subject)
+    everything = [im for ims in generated.values() for im in ims]
+    single = identity_similarity(everything, references, ColourEmbedder())
+    assert {k: result[k] for k in single} == single and result["detection_rate"] == 7 / 8
+    assert result["identity_model"] == "mean-colour" and result["clip_model"] == clip.name
+    assert result["clip_i"] == pytest.approx(clip.clip_i(everything, references), abs=1e-6)
+    for prompt, images in generated.items():
+        per = result["per_prompt"][prompt]
+        assert per["clip_t"] == pytest.approx(clip.clip_t(images, strip_subject(prompt, subject)), abs=1e-6)
+        assert per["identity"] == identity_similarity(images, references, ColourEmbedder())["identity"]
+    per_prompt_t = [per["clip_t"] for per in result["per_prompt"].values()]
+    assert result["clip_t"] == pytest.approx(np.mean(per_prompt_t), abs=1e-6)  # 4 images per prompt
+    expected = distribution_metrics(references, everything, ColourLayout(), ColourClassifier())
+    assert {k: result[k] for k in expected} == expected
+
+
+def test_evaluate_images_reports_missing_parts_as_none():
+    generated = {"a photo of sks person": toy_images(3, 3)}
+    with pytest.warns(UserWarning) as warned:
+        result = evaluate_images(generated, toy_images(5, 3), EvalSuite(ColourEmbedder()), subject_phrase="sks person")
+    messages = " | ".join(str(w.message) for w in warned)
+    for missing in ("CLIP-T and CLIP-I are None", "FID and KID are None", "the Inception Score is None"):
+        assert missing in messages
+    assert result["identity"] > 0.5 and result["per_prompt"]["a photo of sks person"]["clip_t"] is None
+    assert all(result[k] is None for k in ("clip_t", "clip_i", "fid", "kid_mean", "kid_std", "is_mean", "is_std"))
+    with pytest.raises(ValueError, match="is not in the prompt"):  # checked even without a CLIP model
+        evaluate_images(generated, toy_images(5, 3), EvalSuite(ColourEmbedder()), subject_phrase="<sks>")
+
+
+def test_real_suite_offline_keeps_dlib_and_drops_clip(monkeypatch):
+    offline(monkeypatch)
+    monkeypatch.setattr(metrics, "REAL_CLIP", "portrait-studio-tests/no-such-clip")
+    with pytest.warns(UserWarning, match="CLIP-T and CLIP-I will be None"):
+        suite = metrics.suite_for_tier("real")
+    assert isinstance(suite.identity, DlibFaceEmbedder) and suite.clip is None and suite.feature_net is None
+    with pytest.raises(ValueError, match="unknown tier"):
+        metrics.suite_for_tier("huge")
+
+
+def test_toy_suite_end_to_end(monkeypatch, tiny_clip_dir):
+    """suite_for_tier("toy") with the toy evaluator classes (random weights: the trained ones may not exist yet)."""
+    import nbutils.toy_evaluators as toy
+
+    torch.manual_seed(SEED)
+    net = toy.ToyAttributeNet(width=8).eval()
+    untrained = toy.ToyEvaluators(net, toy.ToyIdentityEmbedder(net), toy.FeatureNet(net), toy.StyleLogitsNet(net),
+                                  str(tiny_clip_dir))
+    monkeypatch.setattr(toy, "load_toy_evaluators", lambda: untrained)
+    suite = metrics.suite_for_tier("toy")
+    assert suite.image_size == toy.SIZE and suite.clip.name == str(tiny_clip_dir)
+    generated = {p.fill("sks person"): toy_images(i, 3, size=64) for i, p in enumerate(PROMPT_SETS["toy"][:2])}
+    result = evaluate_images(generated, toy_images(9, 4, size=64), suite, subject_phrase="sks person")
+    assert result["identity_model"] == "toy-identity" and result["detection_rate"] == 1.0
+    assert 0.0 <= result["identity"] <= 1.0 + 1e-6 and -1.0 <= result["clip_t"] <= 1.0
+    assert result["fid"] > 0.0 and 1.0 <= result["is_mean"] <= toy.LABEL_SIZES["style"]
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+def test_strip_subject():
+    assert strip_subject("a photo of sks person on the beach", "sks person") == "a photo of a person on the beach"
+    assert strip_subject("A sks person, smiling", "sks person") == "a person, smiling"
+    assert strip_subject("<sks> and <sks>", "<sks>", class_phrase="a man") == "a man and a man"
+    for prompt, phrase in (("a photo of sks persons", "sks person"), ("a photo", "sks"), ("a photo", " ")):
+        with pytest.raises(ValueError, match="is not in the prompt"):
+            strip_subject(prompt, phrase)
+
+
+def test_prompt_sets():
+    real, toy = PROMPT_SETS["real"], PROMPT_SETS["toy"]
+    for prompts in (real, toy):
+        assert len({p.name for p in prompts}) == len(prompts)
+        assert {p.category for p in prompts} == set(CATEGORIES)
+        assert all(p.template.count("{S}") == 1 for p in prompts)
+        assert all(strip_subject(p.fill("sks person"), "sks person").count("a person") == 1 for p in prompts)
+    assert {p.name for p in toy} < {p.name for p in real}
+    assert real[0].fill("sks person") == "a photo of sks person on the beach"
+
+
+def test_toy_prompts_use_only_toy_caption_words():
+    rng = random.Random(SEED)
+    captions = [p.caption() for p in portraits(SEED, 3000, held_out=True)]
+    captions += [caption_variants(p, rng) for p in portraits(SEED, 300, identity=TOY_SUBJECT)]
+    vocabulary = set(re.findall(r"[a-z]+", " ".join(captions)))
+
+    def words(template: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", template.replace("{S}", "").lower()))
+
+    for prompt in PROMPT_SETS["toy"]:
+        assert words(prompt.template) <= vocabulary, (prompt.name, words(prompt.template) - vocabulary)
+    van_gogh = next(p for p in PROMPT_SETS["real"] if p.name == "van_gogh")
+    assert not words(van_gogh.template) <= vocabulary  # the check can fail

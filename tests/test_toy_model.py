@@ -1,0 +1,82 @@
+"""The toy tier's parts: SD1.5's tokenizer, SD-shaped modules, and the shipped pipeline folder when present."""
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPModel, CLIPProcessor
+
+from nbutils import toy_model
+from nbutils import toyworld as tw
+from nbutils.clip_bpe import VOCAB_SIZE, clip_tokenizer
+from nbutils.toy_evaluators import EVALUATOR_DIR, TOY_CLIP_DIR, load_toy_evaluators
+
+TOY_DIR = Path(toy_model.__file__).resolve().parents[1] / "data" / "models" / "toy-sd"
+
+
+def test_tokenizer_matches_stable_diffusion():
+    """Token ids of SD1.5's tokenizer for a known prompt (from the openai/clip-vit-large-patch14 vocabulary)."""
+    tok = clip_tokenizer()
+    assert len(tok) == VOCAB_SIZE
+    assert tok("a photo of a person").input_ids == [49406, 320, 1125, 539, 320, 2533, 49407]
+    assert tok.model_max_length == 77
+
+
+def test_shapes_chain_like_stable_diffusion():
+    vae, te, unet = toy_model.toy_vae(), toy_model.toy_text_encoder(), toy_model.toy_unet()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        h = te(torch.zeros(2, 77, dtype=torch.long))[0]
+        eps = unet(z, torch.tensor([10, 500]), h).sample
+    assert z.shape == (2, 4, 16, 16)
+    assert h.shape == (2, 77, toy_model.TEXT_HIDDEN)
+    assert eps.shape == z.shape
+    n_cross = sum(1 for name, _ in unet.named_modules() if name.endswith("attn2"))
+    assert n_cross == 7
+
+
+def _folder_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+@pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists(), reason="toy model not trained yet (make toy-model)")
+def test_shipped_toy_model_loads_offline_and_is_small():
+    assert _folder_bytes(TOY_DIR) <= 40 * 2**20
+    assert not list(TOY_DIR.rglob("*.bin")) and not list(TOY_DIR.rglob("*.pt"))
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True)
+    out = pipe("a photo of a person, on the beach", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3)
+    assert len(pipe.tokenizer) == VOCAB_SIZE
+
+
+@pytest.mark.skipif(not (EVALUATOR_DIR / "attribute_net.safetensors").exists(), reason="toy evaluators not trained yet")
+def test_shipped_evaluators_read_fresh_renders():
+    """On 200 renders never seen in training (seed 5), every identity/scene/style head is >= 95 % right."""
+    ev = load_toy_evaluators()
+    ps = list(tw.portraits(5, 200, held_out=True))
+    pred = ev.predict([tw.render(p, 64) for p in ps])
+    for head in ("scene", "style", "face", "skin", "hair_colour", "hair_style", "accessory", "mark"):
+        truth = torch.tensor([p.labels()[head] for p in ps])
+        assert (pred[head] == truth).float().mean() >= 0.95, head
+
+
+@pytest.mark.skipif(not (TOY_CLIP_DIR / "config.json").exists(), reason="toy CLIP not trained yet")
+def test_toy_clip_ranks_the_true_caption_first():
+    """For >= 90 % of 100 fresh renders, the true caption beats 9 captions of other renders."""
+    model = CLIPModel.from_pretrained(TOY_CLIP_DIR).eval()
+    proc = CLIPProcessor.from_pretrained(TOY_CLIP_DIR)
+    ps = list(tw.portraits(6, 100, held_out=True))
+    with torch.no_grad():
+        img = model.get_image_features(**proc(images=[tw.render(p, 64) for p in ps], return_tensors="pt")).pooler_output
+        txt = model.get_text_features(**proc(text=[p.caption() for p in ps], padding="max_length", max_length=77,
+                                             return_tensors="pt")).pooler_output
+    sims = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    g = torch.Generator().manual_seed(0)
+    hits = 0
+    for i in range(100):
+        others = torch.randperm(99, generator=g)[:9]
+        others = others + (others >= i).long()
+        hits += int(sims[i, i] > sims[i, others].max())
+    assert hits >= 90
