@@ -1,14 +1,17 @@
 # Two commands: `make study` runs the notebook series end to end, `make test` runs the tests.
 # Both build (once) a virtual environment outside the clone, keyed by the lock file, so CI reuses it.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-12)
 VENV ?= $(HOME)/.cache/portrait-studio/venv-$(LOCK_HASH)
 PY := $(VENV)/bin/python
 QUICK ?= 0
-MODEL ?= auto
 # open_clip only lends its CLIP BPE vocabulary file; its torchvision dependency is deliberately not installed.
 OPEN_CLIP := open-clip-torch==3.3.0
+# pip names every configured package location that lacks a package ("WARNING: Location ... is ignored"); hide that
+# noise, keep everything else (pipefail keeps pip's exit status).
+PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: venv study test toy-model clean-venv
 
@@ -17,15 +20,15 @@ venv: $(VENV)/.ready
 $(VENV)/.ready: requirements.lock
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps $(OPEN_CLIP)
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --upgrade pip $(PIP_FILTER)
+	$(PY) -m pip install -q -r requirements.lock $(PIP_FILTER)
+	$(PY) -m pip install -q --no-deps $(OPEN_CLIP) $(PIP_FILTER)
+	$(PY) -m pip install -q --no-deps -e . $(PIP_FILTER)
 	$(PY) -m ipykernel install --user --name portrait-studio --display-name "portrait-studio" >/dev/null
 	touch $@
 
 study: venv
-	$(PY) scripts/run_study.py --quick $(QUICK) --model $(MODEL)
+	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) $(if $(ONLY),--only $(ONLY))
 
 test: venv
 	$(PY) -m pytest

@@ -1,0 +1,112 @@
+"""Figures every notebook uses: one labelled image grid, one curve plot, and saving a figure as a PNG.
+
+Each helper returns a closed ``matplotlib`` ``Figure``: pyplot keeps no reference to it and the notebook backend
+does not draw it by itself, so a notebook shows it by leaving it as a cell's last value (or ``display(fig)``),
+exactly once, and saves it with ``save_figure``.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from PIL import Image
+
+from nbutils.runs import atomic_write, repo_path
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    """A pyplot figure (so Jupyter's inline backend can render it as a cell's value), closed at once."""
+    fig = plt.figure(figsize=size, layout="constrained")
+    plt.close(fig)
+    return fig
+
+
+def _rows(images: Sequence, ncols: int | None) -> list[list[Image.Image | None]]:
+    if not images:
+        raise ValueError("image_grid needs at least one image.")
+    if all(isinstance(im, Image.Image) for im in images):
+        ncols = ncols or len(images)
+        rows = [list(images[i : i + ncols]) for i in range(0, len(images), ncols)]
+    elif ncols is not None:
+        raise ValueError("ncols only applies to a flat list of images; a list of rows already fixes the columns.")
+    else:
+        rows = [list(row) for row in images]
+    width = max(len(row) for row in rows)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"image_grid: row {r}, column {c} is a {type(im).__name__}, not a PIL image.")
+    return [row + [None] * (width - len(row)) for row in rows]
+
+
+def image_grid(
+    images: Sequence[Sequence[Image.Image]] | Sequence[Image.Image],
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    cell: float = 2.0,
+    *,
+    ncols: int | None = None,
+) -> Figure:
+    """A grid of images, ``rows x cols`` cells of ``cell`` inches, with row labels (left), column labels (top)
+    and a title.
+
+    ``images`` is a list of rows (shorter rows leave blank cells) or a flat list of images, cut into rows of
+    ``ncols`` (default: one row). Label counts must match the number of rows and columns.
+    """
+    rows = _rows(images, ncols)
+    n_rows, n_cols = len(rows), len(rows[0])
+    for labels, n, what in ((row_labels, n_rows, "row"), (col_labels, n_cols, "column")):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"image_grid got {len(labels)} {what} labels for {n} {what}s.")
+    fig = _new_figure((n_cols * cell, n_rows * cell + (0.4 if title else 0)))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if im is not None:
+                ax.imshow(im)
+            if row_labels is not None and c == 0:
+                ax.set_ylabel(row_labels[r])
+            if col_labels is not None and r == 0:
+                ax.set_title(col_labels[c])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_curve(
+    series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str
+) -> Figure:
+    """Line plot of one or more curves: ``series`` maps a legend name to ``(step, value)`` points."""
+    if not series or not any(series.values()):
+        raise ValueError("plot_curve needs at least one series with points, e.g. {'loss': [(0, 1.2), (1, 0.9)]}.")
+    fig = _new_figure((6, 4))
+    ax = fig.subplots()
+    for name, points in series.items():
+        steps, values = zip(*points) if points else ((), ())
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (relative paths from the repo root), atomically; returns the path."""
+    path = repo_path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"save_figure writes PNG files; give a path ending in .png, not {path.name!r}.")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write(path, buf.getvalue())
+    return path

@@ -1,0 +1,131 @@
+"""Run the notebook series end to end with papermill: the command behind ``make study``.
+
+Each ``notebooks/[0-9][0-9]_*.ipynb`` runs in order, in a kernel of this very interpreter, with the parameters
+``QUICK``, ``OUT_DIR`` and (if given) ``MODEL`` and ``SEED`` injected. Everything lands in one study folder
+``runs/<YYYYmmdd-HHMMSS>/``: the executed notebooks (``<name>.ipynb``) and, since ``OUT_DIR`` points there, the
+run folders the notebooks create. The first failing notebook stops the study (exit code 1) with its name and cell.
+
+    python scripts/run_study.py --quick 1 --only 01,02 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import papermill
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import AsyncKernelManager
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from papermill.exceptions import PapermillExecutionError
+from traitlets import default
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from nbutils.runs import create_unique_dir, repo_path, timestamp  # noqa: E402
+
+
+class CurrentInterpreterKernelManager(AsyncKernelManager):
+    """Starts every kernel with ``sys.executable``, whatever kernelspecs (stale or missing) are installed.
+
+    It talks to the kernel over local IPC sockets where the OS has them (no TCP port, no unencrypted-TCP warning).
+    """
+
+    @default("transport")
+    def _default_transport(self) -> str:
+        return "tcp" if os.name == "nt" else "ipc"
+
+    @property
+    def kernel_spec(self) -> KernelSpec:
+        return KernelSpec(
+            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name="portrait-studio",
+            language="python",
+        )
+
+
+def find_notebooks(folder: Path, only: str | None = None) -> list[Path]:
+    """``folder/[0-9][0-9]_*.ipynb`` in name order; ``only`` (``"01,03"``) keeps those numbers."""
+    notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {n.strip().zfill(2) for n in only.split(",") if n.strip()}
+        unknown = wanted - {nb.name[:2] for nb in notebooks}
+        if unknown:
+            raise SystemExit(f"--only {only}: no notebook numbered {', '.join(sorted(unknown))} in {folder}.")
+        notebooks = [nb for nb in notebooks if nb.name[:2] in wanted]
+    if not notebooks:
+        raise SystemExit(f"No notebooks named like 01_name.ipynb in {folder}.")
+    return notebooks
+
+
+def describe_failure(notebook: Path, err: PapermillExecutionError) -> str:
+    """``'cell 3 (In [4]: first line of the cell)'``: the failing cell's 1-based position in the source notebook
+    (papermill's ``cell_index`` counts its injected parameters cell too), its execution count and first line."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    number = next((i + 1 for i, cell in enumerate(cells) if cell.source == err.source), err.cell_index)
+    first_line = next((line.strip() for line in err.source.splitlines() if line.strip()), "")
+    return f"cell {number} (In [{err.exec_count}]: {first_line})"
+
+
+def run_notebook(notebook: Path, output: Path, parameters: dict) -> None:
+    """Execute ``notebook`` into ``output`` with ``parameters``, in the notebook's folder, with this Python."""
+    papermill.execute_notebook(
+        notebook,
+        output,
+        parameters=parameters,
+        kernel_name="python3",  # recorded in the output; the kernel itself always runs sys.executable
+        language="python",
+        progress_bar=False,
+        cwd=notebook.parent,
+        kernel_manager_class=CurrentInterpreterKernelManager,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run the portrait-studio notebooks in order into runs/<timestamp>/.")
+    p.add_argument("--quick", type=int, choices=(0, 1), default=0, help="1: fewer steps and samples (a short run)")
+    p.add_argument("--model", default=None,
+                   help="injected as MODEL: auto, sd15, toy, tiny, a local folder or a hub id (notebooks keep their "
+                        "own if absent: 'auto' for the method notebooks, 'toy' for 00_toy_world)")
+    p.add_argument("--seed", type=int, default=None, help="injected as SEED (notebooks keep their own if absent)")
+    p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
+    p.add_argument("--out", default="runs", help="parent folder of the study folder (relative: from the repo root)")
+    p.add_argument("--notebooks", default="notebooks", help="folder holding the numbered notebooks")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    notebooks = find_notebooks(repo_path(args.notebooks), args.only)
+    study = create_unique_dir(repo_path(args.out), timestamp())
+    parameters = {"QUICK": bool(args.quick), "OUT_DIR": str(study)}
+    if args.model is not None:
+        parameters["MODEL"] = args.model
+    if args.seed is not None:
+        parameters["SEED"] = args.seed
+    print(f"Study folder: {study}", flush=True)
+    for i, notebook in enumerate(notebooks, 1):
+        output = study / notebook.name
+        print(f"[{i}/{len(notebooks)}] {notebook.stem} ...", end=" ", flush=True)
+        start = time.perf_counter()
+        try:
+            run_notebook(notebook, output, parameters)
+        except PapermillExecutionError as err:
+            print(f"FAILED in {describe_failure(notebook, err)}: {err.ename}: {err.evalue}")
+            print(f"Notebook {notebook.name} failed; the executed notebook with the traceback is {output}")
+            return 1
+        except (DeadKernelError, CellTimeoutError) as err:
+            print(f"FAILED: {type(err).__name__}: {err}")
+            print(f"Notebook {notebook.name} failed; what ran is in {output}")
+            return 1
+        print(f"ok in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"All {len(notebooks)} notebooks ran; results in {study}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The papermill study runner on two tiny notebooks: order, injected parameters, folder layout, failure report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import nbformat
+import pytest
+
+from nbutils.runs import REPO_ROOT, list_runs
+
+spec = importlib.util.spec_from_file_location("run_study", REPO_ROOT / "scripts" / "run_study.py")
+run_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_study)
+
+PARAMETERS = 'QUICK = False\nMODEL = "default-model"\nOUT_DIR = "runs"\nSEED = 0'
+REPORT = """\
+import json, os, sys
+from pathlib import Path
+from nbutils.runs import new_run
+run = new_run("01_ok", {"QUICK": QUICK, "MODEL": MODEL, "SEED": SEED}, out_dir=OUT_DIR)
+Path(OUT_DIR, "seen.json").write_text(json.dumps(
+    {"QUICK": QUICK, "MODEL": MODEL, "OUT_DIR": OUT_DIR, "SEED": SEED, "python": sys.executable, "cwd": os.getcwd()}))
+"""
+
+
+def write_notebook(path, *sources, parameters=True):
+    cells = [nbformat.v4.new_code_cell(src) for src in sources]
+    if parameters:
+        cells.insert(0, nbformat.v4.new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}))
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+
+
+@pytest.fixture
+def notebooks(tmp_path, monkeypatch):
+    """``01_ok`` (records what it saw), ``02_fail`` (raises in its third cell), a scratch notebook to ignore,
+    and a stale ``python3`` kernelspec pointing at a missing interpreter, which the runner must not use."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder / "01_ok.ipynb", REPORT)
+    write_notebook(folder / "02_fail.ipynb", "x = 1", "raise ValueError('boom ' + str(x))")
+    write_notebook(folder / "scratch.ipynb", "raise RuntimeError('not part of the study')")
+    kernels = tmp_path / "jupyter" / "kernels" / "python3"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps(
+        {"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+         "display_name": "stale", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return folder
+
+
+def test_study_runs_in_order_injects_parameters_and_stops_at_the_failing_cell(notebooks, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = run_study.main(["--notebooks", str(notebooks), "--out", str(out), "--quick", "1", "--model", "tiny",
+                           "--seed", "5"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    [study] = list(out.iterdir())
+    assert study.name[:8].isdigit() and study.name[8] == "-"  # runs/<YYYYmmdd-HHMMSS>/
+    assert "[1/2] 01_ok ... ok in" in printed
+    failure = "[2/2] 02_fail ... FAILED in cell 3 (In [4]: raise ValueError('boom ' + str(x))): ValueError: boom 1"
+    assert failure in printed
+    assert "Notebook 02_fail.ipynb failed" in printed and str(study / "02_fail.ipynb") in printed
+
+    seen = json.loads((study / "seen.json").read_text())
+    assert seen == {"QUICK": True, "MODEL": "tiny", "OUT_DIR": str(study), "SEED": 5, "python": sys.executable,
+                    "cwd": str(notebooks)}
+    [run] = list_runs(study)
+    assert run.path.parent == study and run.name.startswith("01_ok-")
+    assert run.config["params"] == {"QUICK": True, "MODEL": "tiny", "SEED": 5}
+    assert sorted(p.name for p in study.iterdir() if p.is_file()) == ["01_ok.ipynb", "02_fail.ipynb", "seen.json"]
+
+    executed = nbformat.read(study / "01_ok.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and 'MODEL = "tiny"' in injected[0].source and "SEED = 5" in injected[0].source
+    failed = nbformat.read(study / "02_fail.ipynb", as_version=4)
+    [raised] = [c for c in failed.cells if c.cell_type == "code" and c.source.startswith("raise")]
+    assert raised.outputs[0]["ename"] == "ValueError"
+
+
+def test_only_selects_notebooks_and_model_and_seed_are_injected_only_when_given(notebooks, tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params: calls.append((nb.name, output, params)))
+    out = tmp_path / "runs"
+    assert run_study.main(["--notebooks", str(notebooks), "--out", str(out), "--only", "2"]) == 0
+    [study] = list(out.iterdir())
+    params = {"QUICK": False, "OUT_DIR": str(study)}
+    assert calls == [("02_fail.ipynb", study / "02_fail.ipynb", params)]
+    assert "[1/1] 02_fail ... ok in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no notebook numbered 09"):
+        run_study.main(["--notebooks", str(notebooks), "--out", str(out), "--only", "01,09"])
+    with pytest.raises(SystemExit, match="No notebooks named like"):
+        run_study.main(["--notebooks", str(tmp_path), "--out", str(out)])
+    assert len(list(out.iterdir())) == 1  # no study folder for a study that could not start

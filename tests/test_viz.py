@@ -1,0 +1,64 @@
+"""Image grid, curve plot and figure saving."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from PIL import Image
+
+from nbutils.viz import image_grid, plot_curve, save_figure
+
+
+def solid(value):
+    return Image.new("RGB", (8, 8), (value, value, value))
+
+
+def test_image_grid_places_images_and_labels():
+    fig = image_grid([[solid(0), solid(50), solid(100)], [solid(150), solid(200), solid(250)]],
+                     row_labels=["seed 0", "seed 1"], col_labels=["a", "b", "c"], title="Samples", cell=1.0)
+    axes = fig.axes
+    assert len(axes) == 6 and tuple(fig.get_size_inches()) == (3.0, 2.4)
+    assert [ax.get_ylabel() for ax in axes] == ["seed 0", "", "", "seed 1", "", ""]
+    assert [ax.get_title() for ax in axes] == ["a", "b", "c", "", "", ""]
+    assert fig._suptitle.get_text() == "Samples"
+    assert [int(ax.images[0].get_array()[0, 0, 0]) for ax in axes] == [0, 50, 100, 150, 200, 250]
+    assert plt.get_fignums() == []  # closed: the notebook shows it once, as the cell's value
+
+
+def test_image_grid_flat_list_with_ncols_leaves_blank_cells():
+    fig = image_grid([solid(10), solid(20), solid(30)], ncols=2)
+    assert len(fig.axes) == 4
+    assert [len(ax.images) for ax in fig.axes] == [1, 1, 1, 0]
+    assert len(image_grid([solid(1), solid(2)]).axes) == 2  # default: one row
+
+
+def test_image_grid_rejects_bad_input():
+    with pytest.raises(ValueError, match="1 row labels for 2 rows"):
+        image_grid([[solid(0)], [solid(1)]], row_labels=["only one"])
+    with pytest.raises(ValueError, match="at least one image"):
+        image_grid([])
+    with pytest.raises(TypeError, match="row 0, column 1 is a ndarray"):
+        image_grid([[solid(0), np.zeros((8, 8, 3))]])
+    with pytest.raises(ValueError, match="ncols only applies"):
+        image_grid([[solid(0)]], ncols=2)
+
+
+def test_plot_curve_draws_each_series():
+    fig = plot_curve({"loss": [(0, 1.0), (10, 0.5)], "val": [(0, 1.2), (10, 0.7)]}, "Loss (seed 0)", "step", "MSE")
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["loss", "val"]
+    assert list(ax.lines[1].get_xdata()) == [0, 10] and list(ax.lines[1].get_ydata()) == [1.2, 0.7]
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("Loss (seed 0)", "step", "MSE")
+    with pytest.raises(ValueError, match="at least one series"):
+        plot_curve({"loss": []}, "t", "x", "y")
+
+
+def test_save_figure_writes_a_png_atomically(tmp_path):
+    fig = image_grid([solid(0), solid(255)], cell=1.0)
+    path = save_figure(fig, tmp_path / "figures" / "grid.png", dpi=50)
+    assert path == tmp_path / "figures" / "grid.png"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (100, 50)
+    assert [p.name for p in path.parent.iterdir()] == ["grid.png"]
+    with pytest.raises(ValueError, match="ending in .png"):
+        save_figure(fig, tmp_path / "grid.jpg")
