@@ -267,6 +267,15 @@ class Run:
         return path
 
 
+QUICK_ENV = "PORTRAIT_STUDIO_QUICK"
+
+
+def resolve_quick(quick: bool | None) -> bool:
+    """A notebook's ``QUICK`` parameter: ``None`` reads ``$PORTRAIT_STUDIO_QUICK`` ("1": quick; the test run sets
+    it), ``True``/``False`` (from papermill or the user) wins."""
+    return os.environ.get(QUICK_ENV, "0") == "1" if quick is None else bool(quick)
+
+
 def new_run(notebook: str, params: dict, *, out_dir: str | Path = "runs", method: str | None = None) -> Run:
     """Create ``out_dir/<notebook>-<YYYYmmdd-HHMMSS>[-k]/`` with its ``config.json`` and return the ``Run``.
 

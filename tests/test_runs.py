@@ -220,3 +220,12 @@ def test_bad_run_folders_give_clear_errors_and_are_skipped_with_a_warning(tmp_ru
     warned = " ".join(str(w.message) for w in caught)
     for folder in (corrupt, incomplete, naive, empty):
         assert str(folder) in warned
+
+
+def test_quick_comes_from_the_parameter_or_else_the_environment(monkeypatch):
+    monkeypatch.setenv(runs.QUICK_ENV, "1")
+    assert runs.resolve_quick(None) is True
+    assert runs.resolve_quick(False) is False
+    monkeypatch.setenv(runs.QUICK_ENV, "0")
+    assert runs.resolve_quick(None) is False
+    assert runs.resolve_quick(True) is True

@@ -1,0 +1,194 @@
+"""Textual Inversion (Gal et al. 2022): teach the model a new word; the model itself stays frozen.
+
+The concept gets a placeholder token (``<sks>``; with N vectors the tokens ``<sks>``, ``<sks>_1``, ...,
+``<sks>_{N-1}``, diffusers' multi-vector convention) added to the tokenizer. Its N embedding rows start from an
+init word ("person") and are the only numbers that train: an ``(N, D)`` tensor (``D`` = 768 on SD1.5).
+The text encoder reads them through its own embedding matrix, in which the placeholder rows are swapped for the
+trainable tensor (``torch.func.functional_call``), so every other row, the text encoder, the UNet and the VAE stay
+exactly as they were. Weights are saved as ``learned_embeds.safetensors`` ``{placeholder: (N, D)}``, the format
+``pipe.load_textual_inversion`` reads.
+
+The helpers that add tokens and encode prompts with swapped rows are shared with ``nbutils.pplus``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from torch.func import functional_call
+
+from nbutils.train import Method, TrainConfig, config_for_tier
+
+WEIGHTS_NAME = "learned_embeds.safetensors"
+
+
+def check_placeholder(tokenizer, placeholder: str) -> None:
+    """Raise ``ValueError`` unless ``placeholder`` is one word that is not yet a single token of ``tokenizer``."""
+    if not isinstance(placeholder, str) or not placeholder or any(c.isspace() for c in placeholder):
+        raise ValueError(f"The placeholder {placeholder!r} must be one word without spaces, e.g. '<my-face>'.")
+    ids = tokenizer(placeholder, add_special_tokens=False).input_ids
+    if len(ids) == 1:
+        raise ValueError(
+            f"The placeholder {placeholder!r} is already in the tokenizer's vocabulary "
+            f"(token {tokenizer.convert_ids_to_tokens(ids)[0]!r}); choose another placeholder, e.g. <my-face>."
+        )
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    """The id of ``word`` if the tokenizer keeps it as one token; ``ValueError`` naming its pieces otherwise."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"Pick a single-token init word such as 'person'; {word!r} splits into {pieces}.")
+    return ids[0]
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids as the pipeline makes them: (B, 77) int64, padded and truncated to ``model_max_length``."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def add_tokens(pipe: StableDiffusionPipeline, tokens: Sequence[str], rows: torch.Tensor) -> torch.Tensor:
+    """Add ``tokens`` to the tokenizer, grow the text encoder's embedding matrix and set their rows to ``rows``.
+
+    ``rows``: (len(tokens), D). Returns the new token ids, (len(tokens),) int64 on the text encoder's device.
+    """
+    for token in tokens:
+        check_placeholder(pipe.tokenizer, token)
+    pipe.tokenizer.add_tokens(list(tokens))
+    rows_now = pipe.text_encoder.get_input_embeddings().num_embeddings
+    pipe.text_encoder.resize_token_embeddings(max(len(pipe.tokenizer), rows_now), mean_resizing=False)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    ids = torch.tensor([single_token_id(pipe.tokenizer, t) for t in tokens], device=weight.device)
+    with torch.no_grad():
+        weight[ids] = rows.to(weight)
+    return ids
+
+
+def encode_with_token_embeddings(text_encoder, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden state (B, S, D) for ``input_ids`` (B, S), reading token embeddings from
+    ``weight`` (V', D) instead of its own matrix. Gradients flow into ``weight``; the encoder is not modified.
+    ``weight`` may have more rows than the encoder's matrix (``nbutils.pplus`` appends per-layer rows)."""
+    embedding = text_encoder.get_input_embeddings().weight
+    name = next(n for n, p in text_encoder.named_parameters() if p is embedding)
+    return functional_call(text_encoder, {name: weight}, (input_ids.to(embedding.device),)).last_hidden_state
+
+
+def with_placeholder(
+    dataset: Sequence[tuple[Image.Image, str]], word: str, placeholder: str
+) -> list[tuple[Image.Image, str]]:
+    """The dataset with the whole word ``word`` (e.g. notebook 01's ``"sks"``) replaced by ``placeholder`` in
+    every caption that does not hold ``placeholder`` yet. ``ValueError`` if a caption has neither. Images are
+    passed through untouched."""
+    pattern = re.compile(rf"(?<![\w<]){re.escape(word)}(?![\w>])")
+    out = []
+    for image, caption in dataset:
+        if placeholder not in caption:
+            if not pattern.search(caption):
+                raise ValueError(
+                    f"The caption {caption!r} does not contain {word!r}: prepare the dataset with that token."
+                )
+            caption = pattern.sub(placeholder, caption)
+        out.append((image, caption))
+    return out
+
+
+def check_captions(tokenizer, captions: Sequence[str], token_id: int, placeholder: str) -> None:
+    """Raise ``ValueError`` naming the first caption whose tokens lack ``token_id`` (the placeholder)."""
+    for caption in captions:
+        if token_id not in tokenizer(caption, add_special_tokens=False).input_ids:
+            raise ValueError(
+                f"The caption {caption!r} does not contain the placeholder {placeholder!r}: "
+                f"use with_placeholder(dataset, 'sks', {placeholder!r}) or write it into the captions."
+            )
+
+
+def copy_saved(param: torch.nn.Parameter, state: dict[str, torch.Tensor], key: str) -> None:
+    """Copy ``state[key]`` into ``param``; ``ValueError`` saying what the file holds if it is missing or misshapen."""
+    learned = state.get(key)
+    if learned is None or learned.shape != param.shape:
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        raise ValueError(f"Expected {{{key!r}: {tuple(param.shape)}}} but the file holds {found}.")
+    with torch.no_grad():
+        param.copy_(learned)
+
+
+class TextualInversion(Method):
+    """Textual Inversion as a ``nbutils.train`` method: the only trainable tensor is ``embeds`` (N, D) float32.
+
+    ``placeholder``: the new word (``<sks>``); ``init_word``: a single-token word whose embedding starts every
+    vector; ``num_vectors``: N. Adds the tokens to ``pipe`` (tokenizer and text encoder) at construction.
+    """
+
+    name = "textual_inversion"
+    weights_name = WEIGHTS_NAME
+
+    def __init__(
+        self, pipe: StableDiffusionPipeline, placeholder: str = "<sks>", init_word: str = "person", num_vectors: int = 1
+    ):
+        super().__init__(pipe)
+        if num_vectors < 1:
+            raise ValueError(f"num_vectors must be at least 1, got {num_vectors}.")
+        self.placeholder = placeholder
+        self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        init = weight[single_token_id(pipe.tokenizer, init_word)].detach().float()
+        self.token_ids = add_tokens(pipe, self.tokens, init.expand(num_vectors, -1))
+        self.embeds = torch.nn.Parameter(init.repeat(num_vectors, 1))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.embeds]
+
+    def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
+        """(B, 77, D): captions with the placeholder expanded to its N tokens (``pipe.maybe_convert_prompt``)."""
+        tokenizer = self.pipe.tokenizer
+        check_captions(tokenizer, captions, int(self.token_ids[0]), self.placeholder)
+        ids = tokenize(tokenizer, self.pipe.maybe_convert_prompt(list(captions), tokenizer))
+        weight = self.pipe.text_encoder.get_input_embeddings().weight
+        swapped = weight.detach().index_put((self.token_ids,), self.embeds.to(weight.dtype))
+        return encode_with_token_embeddings(self.pipe.text_encoder, ids, swapped)
+
+    def after_step(self) -> None:
+        """Copy the learned rows into the text encoder, so ``pipe(...)`` uses them (e.g. in sampling callbacks)."""
+        weight = self.pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[self.token_ids] = self.embeds.detach().to(weight.dtype)
+
+    def state_dict_to_save(self) -> dict[str, torch.Tensor]:
+        """``{placeholder: (N, D)}``, diffusers' textual-inversion format."""
+        return {self.placeholder: self.embeds.detach()}
+
+    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
+        copy_saved(self.embeds, state, self.placeholder)
+        self.after_step()
+
+
+def load_textual_inversion(pipe: StableDiffusionPipeline, path: str | Path, token: str | None = None) -> None:
+    """``pipe.load_textual_inversion`` from a checkpoint folder or a ``.safetensors`` file, never unpickling.
+
+    Afterwards prompts with the placeholder (``token``, default: the one stored in the file) use the learned rows.
+    """
+    path = Path(path)
+    if not (path.is_file() or (path / WEIGHTS_NAME).is_file()):
+        raise FileNotFoundError(f"No {WEIGHTS_NAME} at {path}: pass a checkpoint folder of a textual-inversion run.")
+    pipe.load_textual_inversion(str(path), token=token, use_safetensors=True)
+
+
+def default_config(tier: str, quick: bool = False) -> TrainConfig:
+    """Training defaults per model tier (``"real"``, ``"toy"``, ``"tiny"``); ``quick`` shortens the run.
+
+    real: diffusers' textual_inversion example (SD1.5, 512 px, 3000 steps, batch 1 x 4 accumulated,
+    lr 5e-4 scaled by the batch: 2e-3, constant schedule). toy: a few minutes on a CPU at 64 px.
+    tiny: a handful of steps for tests.
+    """
+    return config_for_tier(tier, quick, {
+        "real": TrainConfig(steps=3000, batch_size=1, gradient_accumulation=4, lr=5e-4 * 4, checkpoint_every=500),
+        "toy": TrainConfig(steps=400, batch_size=4, lr=5e-3, checkpoint_every=100),
+        "tiny": TrainConfig(steps=4, batch_size=2, lr=5e-3, checkpoint_every=2),
+    })

@@ -1,0 +1,367 @@
+"""One training loop that every personalisation method plugs into.
+
+A method (Textual Inversion, P+, LoRA, DreamBooth, ...) is a ``Method`` subclass: it names the parameters that
+train, turns captions into the UNet's text conditioning and saves/loads its learned weights. ``train`` does the
+rest, the same way for every method and every model tier:
+
+- the VAE is frozen, so each training image is encoded once, ``latent_dist.mean * scaling_factor``, and cached;
+- every random draw (batch order, noise, timesteps) comes from a ``torch.Generator`` seeded by
+  ``(cfg.seed, step)``, so a run is reproducible and a resumed run continues exactly where it stopped;
+- AdamW with a ``diffusers`` learning-rate schedule, gradient accumulation, gradient clipping, autocast on CUDA;
+- the loss is logged every step into the run's ``metrics.json`` (series ``"loss"``);
+- checkpoints (``run.artifact_path("checkpoints", "step-<k>")``) hold the method's weights, the optimizer and
+  scheduler state (safetensors for tensors, JSON for the rest; nothing is pickled) and are written atomically;
+  ``train`` resumes from the newest one in the run folder;
+- a NaN/inf loss saves the last good weights and raises ``TrainingDiverged``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from nbutils.models import tier_defaults
+from nbutils.runs import Run, atomic_write, atomic_write_json
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; ``checkpoint`` holds the last good weights (``None`` if none exist)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``steps`` counts optimizer updates; each sees ``batch_size * gradient_accumulation`` images.
+
+    ``lr``: AdamW learning rate (already scaled for the batch, see the methods' ``default_config``);
+    ``lr_scheduler``: a ``diffusers.optimization.get_scheduler`` name, after ``lr_warmup_steps`` of linear warmup;
+    ``checkpoint_every`` / ``sample_every``: save a checkpoint / call the callbacks every N steps (0: only at the
+    end; callbacks always run at checkpoints too); ``mixed_precision``: the autocast dtype (``"auto"``: on CUDA
+    bf16 where supported, else fp16 with a gradient scaler; none on the CPU); ``max_grad_norm``: clip the
+    gradient norm (``None``: no clipping); ``resolution``: training image side in pixels.
+    """
+
+    steps: int = 100
+    lr: float = 5e-4
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    seed: int = 0
+    checkpoint_every: int = 0
+    sample_every: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    max_grad_norm: float | None = 1.0
+    lr_warmup_steps: int = 0
+    lr_scheduler: str = "constant"
+    weight_decay: float = 1e-2
+    resolution: int = 512
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "gradient_accumulation", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("checkpoint_every", "sample_every", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(
+                f"TrainConfig.mixed_precision must be 'auto', 'no', 'fp16' or 'bf16', not {self.mixed_precision!r}."
+            )
+
+
+def config_for_tier(tier: str, quick: bool, presets: dict[str, TrainConfig]) -> TrainConfig:
+    """``presets[tier]`` at the tier's image resolution (``nbutils.models.tier_defaults``); ``quick`` keeps a
+    tenth of the steps (at least 2) with a checkpoint halfway."""
+    resolution = tier_defaults(tier).resolution  # raises on an unknown tier
+    cfg = replace(presets[tier], resolution=resolution)
+    if quick:
+        steps = max(2, cfg.steps // 10)
+        cfg = replace(cfg, steps=steps, checkpoint_every=max(1, steps // 2))
+    return cfg
+
+
+@dataclass
+class Batch:
+    """One micro-batch: ``latents`` (B, 4, H/f, W/f) float32 scaled VAE latents (f: the VAE's downsampling, 8 on
+    SD1.5), ``captions`` (B strings), ``noise`` like ``latents``, standard normal, ``timesteps`` (B,) int64 in
+    ``[0, num_train_timesteps)``."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: Batch, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """The standard denoising loss: MSE between the UNet's prediction and its target, a float32 scalar.
+
+    The target is the added noise for ``prediction_type == "epsilon"`` and the velocity
+    ``alpha_t * noise - sigma_t * latents`` for ``"v_prediction"``. ``text_embeddings``: (B, S, D) conditioning.
+    """
+    noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    pred = unet(noisy.to(unet.dtype), batch.timesteps, text_embeddings.to(unet.dtype)).sample
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = batch.noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    else:
+        raise ValueError(f"Training supports prediction_type 'epsilon' or 'v_prediction', not {kind!r}.")
+    return F.mse_loss(pred.float(), target.float())
+
+
+class Method:
+    """What a personalisation method tells the loop. Subclasses implement the four methods that raise here.
+
+    ``__init__`` freezes the whole pipeline (``requires_grad=False``, eval mode); a subclass then creates or
+    unfreezes only what it trains. ``weights_name`` is the file its weights get inside a checkpoint folder.
+    """
+
+    name = "method"
+    weights_name = "weights.safetensors"
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        self.pipe = pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False).eval()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The tensors the optimizer updates (float32)."""
+        raise NotImplementedError
+
+    def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
+        """The UNet's text conditioning for ``captions``: (B, S, D), differentiable w.r.t. the trainable tensors."""
+        raise NotImplementedError
+
+    def state_dict_to_save(self) -> dict[str, torch.Tensor]:
+        """The learned tensors, as saved in ``weights_name``."""
+        raise NotImplementedError
+
+    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
+        """Put tensors saved by ``state_dict_to_save`` back into the method (and the pipeline)."""
+        raise NotImplementedError
+
+    def save_metadata(self) -> dict[str, str]:
+        """Text metadata stored in the safetensors header of ``weights_name``."""
+        return {}
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Loss of one micro-batch (default: ``diffusion_loss`` on ``encode_prompts(batch.captions)``)."""
+        return diffusion_loss(self.pipe.unet, self.noise_scheduler, batch, self.encode_prompts(batch.captions))
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to copy learned rows into the pipeline)."""
+
+
+Callback = Callable[[int, Method, Run], None]
+
+
+@dataclass
+class TrainResult:
+    """``losses``: one mean loss per step run by this call, for steps ``start_step + 1 .. final_step``;
+    ``checkpoint``: the final checkpoint folder."""
+
+    losses: list[float]
+    start_step: int
+    final_step: int
+    checkpoint: Path
+
+
+@torch.no_grad()
+def encode_latents(
+    pipe: StableDiffusionPipeline, images: Sequence[Image.Image], resolution: int, batch_size: int = 8
+) -> torch.Tensor:
+    """Scaled VAE latents of ``images``: (N, 4, resolution/f, resolution/f) float32 on the pipeline's device,
+    f the VAE's downsampling factor (8 on SD1.5).
+
+    Images are centre-cropped to a square and resized to ``resolution`` (``VaeImageProcessor``, values in [-1, 1]);
+    the latent is the posterior mean times ``vae.config.scaling_factor``.
+    """
+    vae = pipe.vae
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="encode images", leave=False):
+        chunk = list(images[i : i + batch_size])
+        pixels = pipe.image_processor.preprocess(chunk, resolution, resolution, resize_mode="crop")
+        latent = vae.encode(pixels.to(pipe.device, vae.dtype)).latent_dist.mean
+        out.append(latent.float() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from ``key`` (e.g. ``(seed, step)``): independent streams, no state to save."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def make_batch(
+    latents: torch.Tensor, captions: Sequence[str], cfg: TrainConfig, step: int, micro: int, num_train_timesteps: int
+) -> Batch:
+    """The ``micro``-th micro-batch of optimizer step ``step`` (1-based), a pure function of ``cfg.seed`` and both.
+
+    Images are visited in a seeded random order, epoch by epoch; noise and timesteps come from
+    ``(seed, step, micro)``. ``latents``: (N, 4, h, w) cached latents, ``captions``: their N captions.
+    """
+    n, b = len(captions), cfg.batch_size
+    first = ((step - 1) * cfg.gradient_accumulation + micro) * b
+    idx = [int(torch.randperm(n, generator=_generator(cfg.seed, 0, p // n))[p % n]) for p in range(first, first + b)]
+    g = _generator(cfg.seed, 1, step, micro)
+    noise = torch.randn((b, *latents.shape[1:]), generator=g)
+    timesteps = torch.randint(0, num_train_timesteps, (b,), generator=g)
+    device = latents.device
+    return Batch(latents[idx], [captions[i] for i in idx], noise.to(device), timesteps.to(device))
+
+
+def _check_dataset(dataset) -> tuple[list[Image.Image], list[str]]:
+    pairs = list(dataset)
+    if not pairs or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise ValueError(
+            "The dataset must be a non-empty list of (PIL image, caption) pairs, e.g. load_prepared_dataset(path)."
+        )
+    images, captions = zip(*pairs)
+    if not all(isinstance(im, Image.Image) for im in images) or not all(isinstance(c, str) and c for c in captions):
+        raise ValueError("Each dataset item must be (PIL.Image.Image, non-empty caption str).")
+    return list(images), list(captions)
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """``"auto"``: bf16 (or fp16 where unsupported) on CUDA, no autocast elsewhere; ``"fp16"``/``"bf16"``: that
+    dtype on any device (CPU autocast works too, slowly: useful to test the fp16 gradient-scaler path)."""
+    if cfg.mixed_precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+
+def list_checkpoints(run: Run) -> list[Path]:
+    """Complete checkpoint folders of ``run`` (those holding ``state.json``), oldest step first."""
+    folder = run.path / "artifacts" / "checkpoints"
+    found = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def save_checkpoint(run: Run, method: Method, step: int, optimizer, lr_scheduler, scaler, cfg: TrainConfig) -> Path:
+    """Write ``checkpoints/step-<step>/`` atomically: a temporary sibling folder, then one rename.
+
+    Holds ``method.weights_name`` (method tensors + ``save_metadata()``), ``optimizer.safetensors`` (AdamW moments
+    as ``"<param index>.<name>"``) and ``state.json`` (step, param groups, scheduler and grad-scaler state, config).
+    """
+    final = run.artifact_path("checkpoints", f"step-{step}")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        weights = {k: v.detach().float().contiguous().cpu() for k, v in method.state_dict_to_save().items()}
+        atomic_write(tmp / method.weights_name, save(weights, metadata=method.save_metadata()))
+        opt = optimizer.state_dict()
+        moments = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
+        atomic_write(tmp / OPTIMIZER_FILE, save(moments))
+        state = {"step": step, "method": method.name, "param_groups": opt["param_groups"],
+                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "config": asdict(cfg)}
+        atomic_write_json(tmp / STATE_FILE, state)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(method: Method, checkpoint: str | Path, optimizer=None, lr_scheduler=None, scaler=None) -> int:
+    """Load a checkpoint's weights into ``method`` (and the training state into the others given); returns its
+    step."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}); pick another step-* folder."
+        )
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    method.load_saved(load_file(checkpoint / method.weights_name))
+    if optimizer is not None:
+        moments: dict[int, dict] = {}
+        for key, value in load_file(checkpoint / OPTIMIZER_FILE).items():
+            index, name = key.split(".", 1)
+            moments.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state["grad_scaler"]:
+        scaler.load_state_dict(state["grad_scaler"])
+    return int(state["step"])
+
+
+def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: TrainConfig, run: Run, *,
+          callbacks: Sequence[Callback] = (), resume: bool = True) -> TrainResult:
+    """Train ``method`` on ``dataset`` ((PIL image, caption) pairs) for ``cfg.steps`` steps, writing into ``run``.
+
+    If the run folder already holds checkpoints, training continues from the newest one (``resume=True``) and
+    ends with the same weights as an uninterrupted run; ``resume=False`` refuses such a folder. ``callbacks(step, method, run)`` run every ``cfg.sample_every``
+    steps and at every checkpoint (for sample grids and evaluation). Raises ``TrainingDiverged`` on a NaN/inf loss.
+    """
+    images, captions = _check_dataset(dataset)
+    device = method.pipe.device
+    latents = encode_latents(method.pipe, images, cfg.resolution)
+    params = method.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
+    )
+    amp_dtype = _autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    done = list_checkpoints(run)
+    if done and not resume:
+        raise ValueError(f"{run.path} already holds checkpoints: pass resume=True, or train into a new run (new_run).")
+    start = load_checkpoint(method, done[-1], optimizer, lr_scheduler, scaler) if done else 0
+    if start > cfg.steps:
+        raise ValueError(f"{run.path} already holds a checkpoint at step {start} > cfg.steps={cfg.steps}: "
+                         "raise cfg.steps, or train into a new run (new_run).")
+    last_saved = done[-1] if done else None
+    num_timesteps = method.noise_scheduler.config.num_train_timesteps
+    losses = []
+    for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=method.name):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(cfg.gradient_accumulation):
+            batch = make_batch(latents, captions, cfg, step, micro, num_timesteps)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = method.loss(batch) / cfg.gradient_accumulation
+            if not torch.isfinite(loss):
+                if step > 1 and (last_saved is None or last_saved.name != f"step-{step - 1}"):
+                    last_saved = save_checkpoint(run, method, step - 1, optimizer, lr_scheduler, scaler, cfg)
+                kept = f"the last good weights are in {last_saved}" if last_saved else "nothing was learned yet"
+                raise TrainingDiverged(
+                    f"The loss became {loss.item()} at step {step}; {kept}. Lower the learning rate "
+                    "(TrainConfig.lr), keep max_grad_norm set, or use mixed_precision='no'.", step, last_saved)
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+        if cfg.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        method.after_step()
+        losses.append(step_loss)
+        run.log_series("loss", step, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
+        at_checkpoint = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if at_checkpoint:
+            last_saved = save_checkpoint(run, method, step, optimizer, lr_scheduler, scaler, cfg)
+        if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
+            for callback in callbacks:
+                callback(step, method, run)
+    return TrainResult(losses, start, cfg.steps, last_saved)
