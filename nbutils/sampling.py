@@ -15,25 +15,38 @@ from tqdm.auto import tqdm
 
 def generate(
     pipe: DiffusionPipeline,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | None,
     seeds: Sequence[int],
     *,
     steps: int,
     guidance_scale: float,
     batch_size: int = 16,
     negative_prompt: str | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
     progress: bool = True,
     **pipe_kwargs,
 ) -> list[Image.Image]:
     """One image per seed (and per prompt, when ``prompts`` is a list as long as ``seeds``).
 
+    Instead of prompts, precomputed conditioning can be given (e.g. P+'s per-layer embeddings):
+    ``prompt_embeds`` and ``negative_prompt_embeds`` of shape ``(1 or len(seeds), S, D)``, with ``prompts=None``.
     Returns PIL images at the pipeline's default resolution (64 px on the toy tier, 512 px on SD1.5).
     Extra keyword arguments (``cross_attention_kwargs``, ``height``...) go to the pipeline call.
     """
-    if isinstance(prompts, str):
+    if prompt_embeds is not None:
+        if prompts is not None:
+            raise ValueError("give either prompts or prompt_embeds, not both")
+        embeds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        embeds = {k: v.expand(len(seeds), *v.shape[1:]) if v is not None and len(v) == 1 else v
+                  for k, v in embeds.items()}
+        if len(embeds["prompt_embeds"]) != len(seeds):
+            raise ValueError(f"got {len(prompt_embeds)} prompt embeddings for {len(seeds)} seeds: give 1 or one per seed")
+    elif isinstance(prompts, str):
         prompts = [prompts] * len(seeds)
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per seed")
+    if prompt_embeds is None and (prompts is None or len(prompts) != len(seeds)):
+        n = 0 if prompts is None else len(prompts)
+        raise ValueError(f"got {n} prompts for {len(seeds)} seeds: give one prompt, or one per seed")
     device = pipe._execution_device
     was_enabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe.set_progress_bar_config(disable=True)
@@ -44,14 +57,13 @@ def generate(
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[idx]]
         shape = _latent_shape(pipe, pipe_kwargs)
         latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, pipe.unet.dtype)
-        out = pipe(
-            list(prompts[idx]),
-            latents=latents,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=[negative_prompt] * len(gens) if negative_prompt else None,
-            **pipe_kwargs,
-        )
+        if prompt_embeds is not None:
+            conditioning = {k: v[idx] for k, v in embeds.items() if v is not None}
+        else:
+            conditioning = {"prompt": list(prompts[idx]),
+                            "negative_prompt": [negative_prompt] * len(gens) if negative_prompt else None}
+        out = pipe(latents=latents, num_inference_steps=steps, guidance_scale=guidance_scale, **conditioning,
+                   **pipe_kwargs)
         images.extend(out.images)
     pipe.set_progress_bar_config(disable=was_enabled)
     return images

@@ -21,3 +21,15 @@ def test_one_prompt_per_seed_or_a_clear_error(tiny_pipe):
     assert not np.array_equal(np.asarray(imgs[0]), np.asarray(imgs[1]))
     with pytest.raises(ValueError, match="one prompt, or one per seed"):
         generate(tiny_pipe, ["a", "b", "c"], [0, 1], steps=2, guidance_scale=3.0)
+
+
+def test_precomputed_prompt_embeds_give_the_same_images_as_the_prompt(tiny_pipe):
+    prompt = "a photo of a person"
+    pos, neg = tiny_pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    by_text = generate(tiny_pipe, prompt, [1, 2], steps=2, guidance_scale=3.0, progress=False)
+    by_embeds = generate(tiny_pipe, None, [1, 2], steps=2, guidance_scale=3.0, prompt_embeds=pos,
+                         negative_prompt_embeds=neg, progress=False)
+    for x, y in zip(by_text, by_embeds):
+        assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1
+    with pytest.raises(ValueError, match="not both"):
+        generate(tiny_pipe, prompt, [1], steps=2, guidance_scale=3.0, prompt_embeds=pos)
