@@ -167,8 +167,12 @@ def _load_unet_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:
     return meta["step"]
 
 
-def stage_unet(work: Path, steps: int, batch: int, seed: int, ckpt_every: int = 200) -> None:
-    """Train UNet + text encoder from scratch on the cached latents; checkpoint and resume under ``work/unet``."""
+def stage_unet(work: Path, steps: int, batch: int, seed: int, ckpt_every: int = 200,
+               stop_after: int | None = None) -> None:
+    """Train UNet + text encoder from scratch on the cached latents; checkpoint and resume under ``work/unet-ckpt``.
+
+    ``stop_after``: leave after that many steps with a checkpoint, as an interruption would (for tests).
+    """
     done = work / "unet-final"
     if done.exists():
         return
@@ -213,9 +217,12 @@ def stage_unet(work: Path, steps: int, batch: int, seed: int, ckpt_every: int = 
         ema_te.step(te.parameters())
         log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+        if (step + 1) % ckpt_every == 0 or step + 1 in (steps, stop_after):
             log.flush()
             _save_unet_ckpt(ckpt, step + 1, unet, te, ema_unet, ema_te, opt)
+        if step + 1 == stop_after:
+            log.close()
+            return
     log.close()
     ema_unet.copy_to(unet.parameters())
     ema_te.copy_to(te.parameters())
