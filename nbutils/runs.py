@@ -266,6 +266,13 @@ class Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def figure_path(self, name: str, *, publish: bool) -> Path:
+        """Where a notebook saves figure ``name``: the repo's ``figures/`` for a full run (``publish=True``; the
+        README shows these), else the run's own ``figures/``, so quick and test runs never overwrite them."""
+        if Path(name).name != name:
+            raise ValueError(f"Figure name {name!r} must be a plain file name such as 'loss.png'.")
+        return (REPO_ROOT if publish else self.path) / "figures" / name
+
 
 QUICK_ENV = "PORTRAIT_STUDIO_QUICK"
 

@@ -229,3 +229,11 @@ def test_quick_comes_from_the_parameter_or_else_the_environment(monkeypatch):
     monkeypatch.setenv(runs.QUICK_ENV, "0")
     assert runs.resolve_quick(None) is False
     assert runs.resolve_quick(True) is True
+
+
+def test_figures_of_quick_runs_stay_in_the_run_folder(tmp_path):
+    run = new_run("00_x", {}, out_dir=tmp_path)
+    assert run.figure_path("a.png", publish=True) == REPO_ROOT / "figures" / "a.png"
+    assert run.figure_path("a.png", publish=False) == run.path / "figures" / "a.png"
+    with pytest.raises(ValueError, match="plain file name"):
+        run.figure_path("../a.png", publish=False)
