@@ -145,9 +145,7 @@ def _save_unet_ckpt(path: Path, step: int, unet, te, ema_unet, ema_te, opt) -> N
     tensors = {f"{k}.{name}": v.contiguous() for k, s in state["state"].items() for name, v in s.items() if torch.is_tensor(v)}
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "ema_step": ema_unet.optimization_step}))
-    if path.exists():
-        os.replace(path, path.with_suffix(".old"))
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def _load_unet_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:

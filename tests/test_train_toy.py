@@ -43,19 +43,21 @@ def test_data_and_latents_have_the_documented_shapes(work):
 
 
 def test_unet_stage_resumes_exactly(work, train_toy, tmp_path):
-    """4 steps in one go == 2 steps, stop, then resume to 4 (same weights bit for bit)."""
+    """6 steps in one go == 2 steps, stop, then resume to 6 (same weights bit for bit; 3 checkpoint swaps)."""
     import shutil
 
     straight = tmp_path / "straight"
     shutil.copytree(work, straight)
-    train_toy.stage_unet(straight, steps=4, batch=4, seed=0, ckpt_every=2)
+    train_toy.stage_unet(straight, steps=6, batch=4, seed=0, ckpt_every=2)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(work, resumed)
-    train_toy.stage_unet(resumed, steps=4, batch=4, seed=0, ckpt_every=2, stop_after=2)
+    train_toy.stage_unet(resumed, steps=6, batch=4, seed=0, ckpt_every=2, stop_after=2)
     assert json.loads((resumed / "unet-ckpt" / "state.json").read_text())["step"] == 2
     assert not (resumed / "unet-final").exists()
-    train_toy.stage_unet(resumed, steps=4, batch=4, seed=0, ckpt_every=2)
+    train_toy.stage_unet(resumed, steps=6, batch=4, seed=0, ckpt_every=2)
+    assert sorted(p.name for p in resumed.iterdir() if p.name.startswith("unet")) == [
+        "unet-ckpt", "unet-final", "unet-loss.jsonl"]
 
     a = load_file(straight / "unet-final" / "unet.safetensors")
     b = load_file(resumed / "unet-final" / "unet.safetensors")
