@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "data" / "models" / "toy-sd")
     ap.add_argument("--images", type=int, default=12000)
     ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--unet-steps", type=int, default=2000)
+    ap.add_argument("--unet-steps", type=int, default=1400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
