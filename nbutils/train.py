@@ -103,12 +103,15 @@ def config_for_tier(tier: str, quick: bool, presets: dict[str, TrainConfig]) -> 
 class Batch:
     """One micro-batch: ``latents`` (B, 4, H/f, W/f) float32 scaled VAE latents (f: the VAE's downsampling, 8 on
     SD1.5), ``captions`` (B strings), ``noise`` like ``latents``, standard normal, ``timesteps`` (B,) int64 in
-    ``[0, num_train_timesteps)``."""
+    ``[0, num_train_timesteps)``; ``step`` (1-based) and ``micro``: where in training it is used (a method that
+    draws more data per step, such as DreamBooth's class images, seeds its draw from them)."""
 
     latents: torch.Tensor
     captions: list[str]
     noise: torch.Tensor
     timesteps: torch.Tensor
+    step: int = 0
+    micro: int = 0
 
 
 def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: Batch, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,15 @@ class Method:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The tensors the optimizer updates (float32)."""
         raise NotImplementedError
+
+    def prepare(self, cfg: TrainConfig) -> None:
+        """Called by ``train`` once before the first step (also when resuming), e.g. to encode extra training
+        images at ``cfg.resolution``."""
+
+    def make_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """The optimizer over ``trainable_parameters()``: AdamW at ``cfg.lr`` and ``cfg.weight_decay``. Override it
+        for parameter groups with their own learning rate or another optimizer class."""
+        return torch.optim.AdamW(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
         """The UNet's text conditioning for ``captions``: (B, S, D), differentiable w.r.t. the trainable tensors."""
@@ -227,7 +239,7 @@ def make_batch(
     noise = torch.randn((b, *latents.shape[1:]), generator=g)
     timesteps = torch.randint(0, num_train_timesteps, (b,), generator=g)
     device = latents.device
-    return Batch(latents[idx], [captions[i] for i in idx], noise.to(device), timesteps.to(device))
+    return Batch(latents[idx], [captions[i] for i in idx], noise.to(device), timesteps.to(device), step, micro)
 
 
 def _check_dataset(dataset) -> tuple[list[Image.Image], list[str]]:
@@ -316,8 +328,9 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
     images, captions = _check_dataset(dataset)
     device = method.pipe.device
     latents = encode_latents(method.pipe, images, cfg.resolution)
+    method.prepare(cfg)
     params = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = method.make_optimizer(cfg)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
     )
