@@ -17,7 +17,9 @@ PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 venv: $(VENV)/.ready
 
-$(VENV)/.ready: requirements.lock
+# No file prerequisite: the folder name already carries the lock file's hash, and a fresh clone's newer file
+# times must not trigger a rebuild of a venv that matches it.
+$(VENV)/.ready:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(PIP_FILTER)
