@@ -6,6 +6,8 @@ PYTHON ?= python3
 LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-12)
 VENV ?= $(HOME)/.cache/portrait-studio/venv-$(LOCK_HASH)
 PY := $(VENV)/bin/python
+# The checkout being run always provides nbutils (the venv is shared by every clone with the same lock file).
+export PYTHONPATH := $(CURDIR)
 QUICK ?= 0
 # open_clip only lends its CLIP BPE vocabulary file; its torchvision dependency is deliberately not installed.
 OPEN_CLIP := open-clip-torch==3.3.0
