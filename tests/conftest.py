@@ -1,20 +1,13 @@
-"""Shared test setup: quick notebooks, no model hub, few threads, and the shared fixtures.
+"""Shared unit-test setup: few threads and the shared fixtures (the repo's root conftest.py sets QUICK and
+HF_HUB_OFFLINE for every test, notebooks included).
 
-Set at import time, before any test imports ``huggingface_hub`` (which reads ``HF_HUB_OFFLINE`` once):
-- ``PORTRAIT_STUDIO_QUICK=1`` unless already set, so notebooks collected by nbval default to ``QUICK``;
-- ``HF_HUB_OFFLINE=1``: tests never wait on the network;
-- torch uses one thread: the tiny models gain nothing from more, and on a busy shared CPU two threads made a
-  2-step tiny generation 10-50x slower (measured: 0.2 s with one thread, 2-15 s with two).
+torch uses one thread: the tiny models gain nothing from more, and on a busy shared CPU two threads made a 2-step
+tiny generation 10-50x slower (measured: 0.2 s with one thread, 2-15 s with two).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("PORTRAIT_STUDIO_QUICK", "1")
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 
