@@ -1,0 +1,356 @@
+"""Every method side by side, read from the results store alone (notebook 07).
+
+The method notebooks log through ``nbutils.study``. In each run folder, ``metrics.json`` holds what training cost
+(``log_resources``: ``train_s`` in seconds, ``peak_rss_mb`` / ``peak_cuda_mb`` in MiB, ``artifact_bytes``, ``steps``,
+``trainable_params``) and the series ``"eval"``: one point per checkpoint, step 0 being the base model asked for
+"a person", with the scores of ``metrics.evaluate_images`` and the point's ``subject_phrase``. ``images/`` holds the
+grid's first-seed image of every prompt at every checkpoint, with prompt, seed and step in its PNG text chunks.
+
+- ``select_runs``: the latest finished run of each method for one model, ``QUICK`` and ``SEED``, with notes on
+  every run left out and every method missing;
+- ``comparison_rows`` (final scores and costs, one row per method and the base model), ``table_markdown`` and
+  ``write_csv``;
+- ``scatter_points``, ``pareto_front`` and ``pareto_figure``: identity against editability (CLIP-T);
+- ``curves_figure``: a score per checkpoint, one curve per method;
+- ``sample_matrix`` and ``matrix_figure``: methods x prompts, the same seed in every cell.
+
+Every reader tolerates an empty store, unfinished runs, missing scores and missing images: it leaves them out and
+says so in a note, so the notebook reports what there is.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from PIL import Image
+
+from nbutils.runs import Run, atomic_write, list_runs, read_png_metadata, repo_path
+from nbutils.study import score_table, series_points
+from nbutils.viz import _new_figure, image_grid, plot_curve
+
+METHODS: dict[str, tuple[str, str]] = {
+    "textual_inversion": ("Textual Inversion", "02"),
+    "pplus": ("P+", "03"),
+    "lora": ("LoRA", "04"),
+    "svdiff": ("SVDiff", "04"),
+    "dreambooth": ("DreamBooth", "05"),
+}
+"""The methods of notebooks 02-05: ``{method: (label, notebook number)}``, in the order tables list them."""
+
+BASE = "base model"
+"""The row of the untrained model: step 0 of a run's ``"eval"`` series (the prompts with "a person")."""
+
+COLUMNS: dict[str, str] = {
+    "run": "run folder",
+    "steps": "steps",
+    "identity": "identity (cos) ↑",
+    "detection_rate": "face detection rate",
+    "clip_t": "CLIP-T (cos) ↑",
+    "clip_i": "CLIP-I (cos) ↑",
+    "fid": "FID ↓",
+    "kid_mean": "KID ↓",
+    "is_mean": "IS ↑",
+    "train_s": "train time (s)",
+    "peak_rss_mb": "peak RAM (MiB)",
+    "peak_cuda_mb": "peak GPU memory (MiB)",
+    "artifact_bytes": "artifact size (bytes)",
+    "trainable_params": "trainable parameters",
+}
+"""A comparison row's keys (besides ``"method"``) and their labels; the scores come from the last checkpoint."""
+
+_SCORES = ("identity", "detection_rate", "clip_t", "clip_i", "fid", "kid_mean", "is_mean")
+_COSTS = ("train_s", "peak_rss_mb", "peak_cuda_mb", "artifact_bytes", "trainable_params")
+
+
+def label(method: str) -> str:
+    """The display name of ``method`` (``'pplus'`` -> ``'P+'``); an unknown method keeps its name."""
+    return METHODS[method][0] if method in METHODS else method
+
+
+def _read_metrics(run: Run) -> dict | str:
+    """``run``'s metrics, or why the run cannot be compared (a sentence)."""
+    try:
+        metrics = run.metrics
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its metrics.json is corrupt"
+    if not metrics:
+        return "it logged no metrics (it crashed or is still running)"
+    if not metrics.get("series", {}).get("eval"):
+        return "it logged no checkpoint scores (series 'eval')"
+    if "train_s" not in metrics:
+        return "it logged no training costs yet (it crashed or is still running)"
+    return metrics
+
+
+def _model_ref(run: Run) -> str:
+    return str(run.config["params"].get("model_ref") or run.model)
+
+
+@dataclass
+class Selection:
+    """The runs to compare: ``runs`` maps each method to its latest finished run (known methods in ``METHODS``
+    order, then others by name), ``metrics`` their ``metrics.json``; ``model_ref``: the model they all trained
+    (``None`` when the store has no method run); ``notes``: what was left out and why, one sentence each."""
+
+    runs: dict[str, Run] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    model_ref: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def select_runs(
+    out_dir: str | Path = "runs", *, model: str = "auto", quick: bool | None = None, seed: int | None = None,
+    expected: Sequence[str] = tuple(METHODS),
+) -> Selection:
+    """The latest finished run of every method in ``out_dir`` that trained ``model`` with ``QUICK == quick`` and
+    ``SEED == seed`` (``None``: any).
+
+    ``model="auto"`` takes the model of the newest finished method run that fits ``quick`` and ``seed``; any other
+    value is resolved by ``nbutils.models.resolve_model``. A run counts as finished when its ``metrics.json`` holds an
+    ``"eval"`` series and ``train_s``; newer unfinished runs are noted and skipped. ``expected`` methods without a
+    run get a note naming their notebook, as does a difference between the chosen runs' evaluation grids.
+    """
+    root = repo_path(out_dir)
+    selection = Selection()
+    params = {"QUICK": quick, "SEED": seed}
+    runs = [r for r in list_runs(out_dir) if r.method]
+    fitting = [r for r in runs if all(v is None or r.config["params"].get(k) == v for k, v in params.items())]
+    if not fitting:
+        wanted = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None) or "any settings"
+        found = f" ({len(runs)} with other QUICK or SEED)" if runs else ""
+        selection.notes.append(f"No method run with {wanted} in {root}{found}: run the method notebooks (02-05) "
+                               "first with the same OUT_DIR, QUICK and SEED.")
+        return selection
+    metrics = {r.path: _read_metrics(r) for r in fitting}
+    if model == "auto":
+        finished = [r for r in fitting if isinstance(metrics[r.path], dict)]
+        selection.model_ref = _model_ref((finished or fitting)[-1])
+    else:
+        from nbutils.models import resolve_model  # lazy: only here is a model reference resolved
+
+        selection.model_ref = resolve_model(model)
+    others = sorted({_model_ref(r) for r in fitting if _model_ref(r) != selection.model_ref})
+    if others:
+        selection.notes.append(f"Left out the runs of other models ({', '.join(others)}); this compares "
+                               f"{selection.model_ref}.")
+    if len(fitting) < len(runs):
+        selection.notes.append(f"Left out {len(runs) - len(fitting)} method run(s) made with another QUICK or SEED.")
+    by_method: dict[str, list[Run]] = {}
+    for r in fitting:
+        if _model_ref(r) == selection.model_ref:
+            by_method.setdefault(r.method, []).append(r)
+    order = [m for m in METHODS if m in by_method] + sorted(m for m in by_method if m not in METHODS)
+    for method in order:
+        for r in reversed(by_method[method]):  # newest first
+            if isinstance(metrics[r.path], dict):
+                selection.runs[method], selection.metrics[method] = r, metrics[r.path]
+                break
+            selection.notes.append(f"Skipped {r.name}: {metrics[r.path]}.")
+    for method in expected:
+        if method not in selection.runs:
+            notebook = f"notebook {METHODS[method][1]}" if method in METHODS else "its notebook"
+            selection.notes.append(f"No finished {label(method)} run for this model, QUICK and SEED: run {notebook} "
+                                   "to add it.")
+    grids = [r.config["params"].get("eval") or {} for r in selection.runs.values()]
+    differ = sorted({k for g in grids for k in g if any(h.get(k) != g[k] for h in grids)})
+    if differ:
+        selection.notes.append(f"The runs were evaluated on different grids ({', '.join(differ)} differ): their "
+                               "scores compare only roughly.")
+    return selection
+
+
+# --------------------------------------------------------------------------------------------------- the table
+def _final_point(metrics: dict) -> dict:
+    return max(metrics["series"]["eval"], key=lambda p: p["step"])
+
+
+def comparison_rows(selection: Selection) -> list[dict]:
+    """One row per compared run, after a ``BASE`` row (the first run's step-0 scores, no costs): ``{"method": label,
+    **{key: value for key in COLUMNS}}``, the scores of the last checkpoint, ``None`` where not logged."""
+    rows = []
+    for method, metrics in selection.metrics.items():
+        base = next((p for p in metrics["series"]["eval"] if p["step"] == 0), None)
+        if base is not None:
+            rows.append({"method": BASE, "run": selection.runs[method].name, "steps": 0,
+                         **{k: base.get(k) for k in _SCORES}, **dict.fromkeys(_COSTS)})
+            break
+    for method, metrics in selection.metrics.items():
+        final = _final_point(metrics)
+        rows.append({"method": label(method), "run": selection.runs[method].name,
+                     "steps": metrics.get("steps", final["step"]), **{k: final.get(k) for k in _SCORES},
+                     **{k: metrics.get(k) for k in _COSTS}})
+    return rows
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
+    """``rows`` as a Markdown table: one column per row (method), one line per ``COLUMNS`` entry."""
+    if not rows:
+        return "*No runs to compare.*"
+    return score_table({row["method"]: {COLUMNS[k]: row[k] for k in COLUMNS} for row in rows},
+                       keys=list(COLUMNS.values()))
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write ``rows`` as CSV to ``path`` atomically (header: ``method`` and the ``COLUMNS`` keys; ``None`` is an
+    empty cell) and return the path."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["method", *COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = repo_path(path)
+    atomic_write(path, buf.getvalue().encode("utf-8"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- Pareto front
+def scatter_points(rows: Sequence[dict], x: str = "clip_t", y: str = "identity") -> tuple[dict, list[str]]:
+    """``({method: (x, y)}, notes)``: the rows that have both scores, and a note for each that lacks one."""
+    points, notes = {}, []
+    for row in rows:
+        missing = [k for k in (x, y) if row.get(k) is None]
+        if not missing:
+            points[row["method"]] = (float(row[x]), float(row[y]))
+            continue
+        faces = row.get("detection_rate")
+        why = f" (faces found in {faces:.0%} of its images)" if faces is not None and "identity" in missing else ""
+        notes.append(f"{row['method']} is not plotted: no {' or '.join(COLUMNS[k] for k in missing)} logged{why}.")
+    return points, notes
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The names whose point no other point dominates (both coordinates maximised: at least as high in both and
+    higher in one), ordered by the first coordinate."""
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+
+    return sorted((name for name, p in points.items() if not dominated(p)), key=lambda n: points[n])
+
+
+def _message_figure(title: str, message: str) -> Figure:
+    """A figure that says why there is nothing to draw."""
+    fig = _new_figure((6, 2.5))
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    ax.set_title(title)
+    return fig
+
+
+def pareto_figure(points: Mapping[str, tuple[float, float]], title: str,
+                  xlabel: str = "editability: CLIP-T (cosine)", ylabel: str = "identity (cosine)") -> Figure:
+    """Scatter of ``points`` (``{name: (x, y)}``), each labelled, with the Pareto front (``pareto_front``) as a line."""
+    if not points:
+        return _message_figure(title, "No run has both scores logged: nothing to plot.")
+    fig = _new_figure((6.5, 4.5))
+    ax = fig.subplots()
+    front = pareto_front(points)
+    for name, (x, y) in points.items():
+        on_front = name in front
+        ax.scatter([x], [y], s=60, marker="*" if on_front else "o", zorder=3,
+                   color="tab:red" if on_front else "tab:blue")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.plot(*zip(*(points[n] for n in front)), color="tab:red", lw=1, ls="--", zorder=2,
+            label=f"Pareto front ({len(front)} of {len(points)})")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------- curves
+def curves_figure(runs: Mapping[str, Run], key: str, title: str, ylabel: str) -> Figure:
+    """``key`` of each run's ``"eval"`` series against the optimizer step, one curve per method (step 0: the base
+    model)."""
+    series = {label(m): series_points(r, key) for m, r in runs.items()}
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return _message_figure(title, f"No run logged {key!r} at its checkpoints: nothing to plot.")
+    return plot_curve(series, title=title, xlabel="optimizer step", ylabel=ylabel)
+
+
+# --------------------------------------------------------------------------------------------------- samples
+@dataclass
+class SampleMatrix:
+    """Images for a methods x prompts grid: ``cells[row][c]`` is the image of ``prompts[c]`` (a prompt name such
+    as ``'beach'``) at ``seed``, ``None`` where the run saved none; ``notes`` say what is missing or was resized."""
+
+    seed: int | None
+    prompts: list[str]
+    cells: dict[str, list[Image.Image | None]]
+    notes: list[str]
+
+
+def _images_at(run: Run, step: int, phrase: str) -> dict[tuple[str, int], Path]:
+    """``{(prompt name, seed): png}`` of ``run``'s images at ``step``, their prompt matched to the run's grid."""
+    grid = run.config["params"].get("eval") or {}
+    names = {t.replace("{S}", phrase): n for n, t in zip(grid.get("names", []), grid.get("templates", []))}
+    found = {}
+    for png in sorted((run.path / "images").glob("*.png")):
+        meta = read_png_metadata(png)
+        if meta.get("step") == step and meta.get("prompt") in names:
+            found[(names[meta["prompt"]], meta.get("seed"))] = png
+    return found
+
+
+def sample_matrix(runs: Mapping[str, Run], seed: int | None = None) -> SampleMatrix:
+    """The base model's and each method's last-checkpoint image of every evaluation prompt at ``seed``.
+
+    Images are matched by their PNG text chunks: the prompt (with the run's subject phrase, mapped back to the
+    prompt's name through the run's evaluation grid), the seed and the step. ``seed=None`` takes the smallest seed
+    any run saved. Images of another size than the largest are resized to it (Lanczos), with a note.
+    """
+    found: dict[str, dict[tuple[str, int], Path]] = {}
+    notes: list[str] = []
+    for method, run in runs.items():
+        points = {p["step"]: p.get("subject_phrase", "") for p in run.metrics.get("series", {}).get("eval", [])}
+        if not points:
+            notes.append(f"{label(method)}: {run.name} logged no checkpoints, so no images are matched.")
+            continue
+        if BASE not in found and 0 in points:
+            found[BASE] = _images_at(run, 0, points[0])
+        final = max(points)
+        found[label(method)] = _images_at(run, final, points[final])
+        if not found[label(method)]:
+            notes.append(f"{label(method)}: {run.name} has no images of its evaluation prompts at step {final}.")
+    keys = [k for images in found.values() for k in images]
+    if seed is None and keys:
+        seed = min(s for _, s in keys)
+    in_grid_order = [n for r in runs.values() for n in (r.config["params"].get("eval") or {}).get("names", [])]
+    at_seed = {name for name, s in keys if s == seed}
+    prompts = [name for name in dict.fromkeys(in_grid_order) if name in at_seed]
+    cells: dict[str, list[Image.Image | None]] = {}
+    for row, images in found.items():
+        cells[row] = [Image.open(images[(p, seed)]).convert("RGB") if (p, seed) in images else None for p in prompts]
+        missing = [p for p, image in zip(prompts, cells[row]) if image is None]
+        if missing and images:
+            notes.append(f"{row}: no image of {', '.join(missing)} at seed {seed}.")
+    sizes = {image.size for row in cells.values() for image in row if image is not None}
+    if len(sizes) > 1:
+        target = max(sizes)
+        for row, images in cells.items():
+            resized = [image.size for image in images if image is not None and image.size != target]
+            if resized:
+                notes.append(f"{row}: images of {resized[0][0]}x{resized[0][1]} px resized to "
+                             f"{target[0]}x{target[1]} px to fit the grid.")
+            cells[row] = [None if im is None else im if im.size == target else im.resize(target, Image.LANCZOS)
+                          for im in images]
+    return SampleMatrix(seed, prompts, cells, notes)
+
+
+def matrix_figure(matrix: SampleMatrix, title: str) -> Figure:
+    """The grid of ``matrix``: one row per method (the base model first), one column per prompt; a missing image is
+    a grey cell."""
+    if not matrix.prompts:
+        return _message_figure(title, "No run saved images of its evaluation prompts: nothing to show.")
+    size = next(im.size for row in matrix.cells.values() for im in row if im is not None)
+    blank = Image.new("RGB", size, (200, 200, 200))
+    return image_grid([[blank if im is None else im for im in row] for row in matrix.cells.values()],
+                      row_labels=list(matrix.cells), col_labels=[p.replace("_", " ") for p in matrix.prompts],
+                      title=title, cell=1.6)

@@ -1,0 +1,292 @@
+"""What every method notebook repeats, written once: its data, its evaluation grid, its costs and its comparisons.
+
+A method notebook (02 textual inversion, 03 P+, ...) keeps its own key idea in view (what trains, how the concept
+reaches the UNet) and calls this module for the rest:
+
+- ``load_subject_dataset``: notebook 01's prepared dataset (the latest ``01_dataset`` run in ``OUT_DIR``): the
+  training pairs and the subject's unaugmented photos, the references of every identity score;
+- ``eval_setup`` + ``CheckpointEvaluator``: one fixed grid of prompts x seeds, sampled and scored with
+  ``nbutils.metrics.evaluate_images`` before training (the base model) and at every checkpoint, each point logged
+  as ``run.log_series("eval", step, ...)``; the same grid in every method notebook, so their curves compare;
+- ``log_resources``: training time (evaluation excluded), peak memory and artifact size into the run;
+- ``reference_run``, ``series_points``, ``loss_figure``, ``scores_figure``, ``first_step_reaching``,
+  ``score_table``: reading, plotting and comparing results.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from matplotlib.figure import Figure
+from PIL import Image
+
+from nbutils.augment import load_prepared_dataset
+from nbutils.metrics import EvalSuite, evaluate_images
+from nbutils.models import model_tier, tier_defaults
+from nbutils.prompts import PROMPT_SETS
+from nbutils.resources import Usage, dir_size_bytes
+from nbutils.runs import Run, latest_run, load_run, repo_path
+from nbutils.sampling import generate
+from nbutils.train import Method, TrainConfig
+from nbutils.viz import image_grid, plot_curve
+
+RUN_01_FIRST = "run notebooks/01_dataset.ipynb first (or make study)"
+EVAL_PROMPTS = ("studio", "beach", "pop_art")
+"""The ``PROMPT_SETS`` names every checkpoint is scored on: the plain portrait, a new scene, a new style."""
+SCORE_KEYS = ("identity", "clip_t", "clip_i", "detection_rate")
+"""The scores of a results table: toy or dlib identity, CLIP-T and CLIP-I cosines, share of images with a face."""
+
+Embed = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
+"""prompts -> ``(prompt_embeds, negative_prompt_embeds)``, each (B, S, D): conditioning a method builds itself."""
+
+
+# --------------------------------------------------------------------------------------------------- data
+@dataclass
+class SubjectData:
+    """Notebook 01's prepared dataset.
+
+    ``pairs``: every (RGB image, caption) training pair, the captions naming the subject as ``token`` (``"sks"``);
+    ``references``: the images written without augmentation (notebook 01: one per kept photo), what identity and
+    CLIP-I compare with; ``path``: the dataset folder; ``seed``: the augmentation seed of the notebook 01 run that
+    wrote it (``None`` for a folder outside a run).
+    """
+
+    path: Path
+    pairs: list[tuple[Image.Image, str]]
+    references: list[Image.Image]
+    token: str
+    seed: int | None = None
+
+
+def load_subject_dataset(
+    dataset: str | Path = "auto", out_dir: str | Path = "runs", *, resolution: int | None = None,
+    token: str | None = None,
+) -> SubjectData:
+    """The prepared dataset ``dataset`` (a folder), or with ``"auto"`` that of the latest ``01_dataset`` run in
+    ``out_dir``.
+
+    ``token``: the word the captions use for the subject; ``None`` reads it from the notebook 01 run the dataset
+    belongs to (its ``TOKEN`` parameter), else ``"sks"``. ``resolution`` (pixels): raise ``ValueError`` if the
+    images are smaller than the training resolution (notebook 01 ran for another model tier).
+    """
+    if str(dataset) == "auto":
+        run = latest_run("01_dataset", out_dir)
+        if run is None:
+            raise FileNotFoundError(f"No prepared dataset in {repo_path(out_dir)}: {RUN_01_FIRST}, with the same "
+                                    "OUT_DIR.")
+        path = run.path / "artifacts" / "dataset"
+    else:
+        path = repo_path(dataset)
+    pairs = load_prepared_dataset(path)  # raises with the fix when the folder is no prepared dataset
+    rows = [json.loads(line) for line in (path / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    references = [image for (image, _), row in zip(pairs, rows) if not row.get("augmentation")]
+    run_dir = path.parent.parent
+    params = load_run(run_dir).config["params"] if (run_dir / "config.json").is_file() else {}
+    side = min(min(image.size) for image, _ in pairs)
+    if resolution is not None and side < resolution:
+        raise ValueError(f"The prepared images in {path} are {side} px but this model trains at {resolution} px: "
+                         f"{RUN_01_FIRST} with the same MODEL.")
+    return SubjectData(path, pairs, references, token or params.get("TOKEN", "sks"), params.get("SEED"))
+
+
+def with_overrides(cfg: TrainConfig, **values) -> TrainConfig:
+    """``cfg`` with every value that is not ``None`` replaced (a notebook's ``STEPS=None`` keeps the default)."""
+    return replace(cfg, **{k: v for k, v in values.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class EvalSetup:
+    """What every checkpoint of every method is scored on.
+
+    ``names``/``templates``: the prompts (``PROMPT_SETS`` names, templates with ``{S}``); ``seeds``: one image per
+    seed for every prompt; ``steps``/``guidance_scale``/``batch_size``: the sampler; ``model``: the resolved model
+    reference; ``dataset``: the prepared dataset folder whose photos are the references.
+    """
+
+    names: tuple[str, ...]
+    templates: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance_scale: float
+    batch_size: int
+    model: str
+    dataset: str
+
+    def prompts(self, subject_phrase: str) -> list[str]:
+        """The prompts with ``subject_phrase`` (``"<sks> person"``, ``"a person"``) in place of ``{S}``."""
+        return [t.replace("{S}", subject_phrase) for t in self.templates]
+
+    def as_dict(self) -> dict:
+        """JSON-ready, for a run's config (``reference_run`` compares it)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+def eval_setup(
+    model_ref: str, dataset: str | Path, *, seed: int, quick: bool, n_samples: int | None = None,
+    steps: int | None = None, guidance_scale: float | None = None, names: Sequence[str] = EVAL_PROMPTS,
+) -> EvalSetup:
+    """The evaluation grid for ``model_ref``'s tier: prompts ``names``, seeds ``seed * 100_000 + k`` for
+    ``k < n_samples``; ``None`` takes the tier's default (``nbutils.models.tier_defaults``)."""
+    tier = model_tier(model_ref)
+    defaults = tier_defaults(tier, quick)
+    table = {p.name: p.template for p in PROMPT_SETS[tier if tier == "real" else "toy"]}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"Unknown evaluation prompts {unknown}; choose from {sorted(table)} (nbutils.prompts).")
+    n = n_samples or defaults.num_samples
+    return EvalSetup(tuple(names), tuple(table[name] for name in names), tuple(seed * 100_000 + k for k in range(n)),
+                     steps or defaults.inference_steps, guidance_scale or defaults.guidance_scale,
+                     defaults.batch_size, str(model_ref), str(dataset))
+
+
+def sample_prompts(
+    pipe: StableDiffusionPipeline, setup: EvalSetup, subject_phrase: str, *, embed: Embed | None = None
+) -> dict[str, list[Image.Image]]:
+    """``{prompt: one image per seed}`` for ``setup.prompts(subject_phrase)``; ``embed`` turns a prompt into its
+    conditioning (e.g. P+'s per-layer embeddings), ``None`` passes the prompt to the pipeline as it is."""
+    out = {}
+    for prompt in setup.prompts(subject_phrase):
+        kwargs = dict(steps=setup.steps, guidance_scale=setup.guidance_scale, batch_size=setup.batch_size,
+                      progress=False)
+        if embed is None:
+            out[prompt] = generate(pipe, prompt, setup.seeds, **kwargs)
+        else:
+            positive, negative = embed([prompt])
+            out[prompt] = generate(pipe, None, setup.seeds, prompt_embeds=positive,
+                                   negative_prompt_embeds=negative, **kwargs)
+    return out
+
+
+class CheckpointEvaluator:
+    """Samples ``setup``'s grid and scores it; a ``train`` callback (``train(..., callbacks=[evaluator])``).
+
+    ``subject_phrase``: how prompts name the learned subject (``"<sks> person"``); ``class_phrase``: what CLIP-T
+    compares against instead (``"a person"``), also the base model's phrase for the baseline. ``embed(method,
+    prompts)``: the method's own conditioning (P+), ``None`` for plain prompts. After each evaluation
+    ``scores[step]`` holds ``evaluate_images``' result, ``grid[step]`` the first seed's image of every prompt, and
+    ``seconds`` the time spent evaluating so far.
+    """
+
+    def __init__(
+        self, setup: EvalSetup, subject: SubjectData, suite: EvalSuite, subject_phrase: str, *,
+        class_phrase: str = "a person", embed: Callable[[Method, Sequence[str]], tuple] | None = None,
+    ):
+        self.setup, self.subject, self.suite = setup, subject, suite
+        self.subject_phrase, self.class_phrase, self.embed = subject_phrase, class_phrase, embed
+        self.scores: dict[int, dict] = {}
+        self.grid: dict[int, list[Image.Image]] = {}
+        self.seconds = 0.0
+
+    def evaluate(
+        self, pipe: StableDiffusionPipeline, run: Run, step: int, *, subject_phrase: str | None = None,
+        embed: Embed | None = None,
+    ) -> dict:
+        """Sample, score and log one point: series ``"eval"`` at ``step`` (with its ``subject_phrase``), the first
+        seed's images saved as ``images/step-<step>-<prompt name>.png``. Returns the scores."""
+        start = time.perf_counter()
+        phrase = subject_phrase or self.subject_phrase
+        images = sample_prompts(pipe, self.setup, phrase, embed=embed)
+        scores = evaluate_images(images, self.subject.references, self.suite, subject_phrase=phrase,
+                                 class_phrase=self.class_phrase, seed=self.setup.seeds[0])
+        self.scores[step], self.grid[step] = scores, [imgs[0] for imgs in images.values()]
+        for name, (prompt, imgs) in zip(self.setup.names, images.items()):
+            run.save_image(imgs[0], f"step-{step}-{name}", prompt=prompt, seed=self.setup.seeds[0], step=step)
+        run.log_series("eval", step, subject_phrase=phrase, **scores)
+        self.seconds += time.perf_counter() - start
+        return scores
+
+    def __call__(self, step: int, method: Method, run: Run) -> None:
+        embed = None if self.embed is None else (lambda prompts: self.embed(method, prompts))
+        self.evaluate(method.pipe, run, step, embed=embed)
+
+    def grid_figure(self, title: str) -> Figure:
+        """Rows: the evaluated steps (step 0: the base model with ``class_phrase``); columns: the prompts."""
+        steps = sorted(self.grid)
+        labels = [f"step {s}" + (f"\n({self.class_phrase})" if s == 0 else "") for s in steps]
+        return image_grid([self.grid[s] for s in steps], row_labels=labels,
+                          col_labels=[name.replace("_", " ") for name in self.setup.names],
+                          title=title, cell=1.6)
+
+
+# --------------------------------------------------------------------------------------------------- costs
+def log_resources(run: Run, usage: Usage, artifact: str | Path, *, excluded_s: float = 0.0, **extra) -> dict:
+    """Log what training cost into ``run``'s metrics and return it.
+
+    ``train_s``: ``usage.wall_s`` minus ``excluded_s`` (the evaluator's ``seconds``), ``eval_s``, ``peak_rss_mb``,
+    ``added_rss_mb`` (peak minus start), ``peak_cuda_mb`` (``None`` without CUDA), ``artifact_bytes`` (size of
+    ``artifact``, a file or folder) and ``extra`` (e.g. ``steps``, ``trainable_params``).
+    """
+    values = {"train_s": round(usage.wall_s - excluded_s, 1), "eval_s": round(excluded_s, 1),
+              "peak_rss_mb": round(usage.peak_rss_mb, 1),
+              "added_rss_mb": round(usage.peak_rss_mb - usage.start_rss_mb, 1),
+              "peak_cuda_mb": None if usage.peak_cuda_mb is None else round(usage.peak_cuda_mb, 1),
+              "artifact_bytes": dir_size_bytes(artifact), **extra}
+    run.log_metrics(**values)
+    return values
+
+
+# --------------------------------------------------------------------------------------------------- comparing
+def reference_run(notebook: str, out_dir: str | Path, setup: EvalSetup) -> Run:
+    """The latest run of ``notebook`` in ``out_dir``, checked to be scored on the same ``setup`` (its config's
+    ``params["eval"]``), so that its curves compare with this notebook's."""
+    run = latest_run(notebook, out_dir)
+    if run is None:
+        raise FileNotFoundError(f"No run of notebooks/{notebook}.ipynb in {repo_path(out_dir)}: run it first with "
+                                "the same OUT_DIR (or make study).")
+    theirs, ours = run.config["params"].get("eval", {}), setup.as_dict()
+    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if differ:
+        raise ValueError(f"{run.path} was evaluated differently ({', '.join(differ)} differ): run "
+                         f"notebooks/{notebook}.ipynb again with this notebook's MODEL, SEED, QUICK and N_SAMPLES.")
+    return run
+
+
+def series_points(run: Run, key: str, series: str = "eval") -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` in ``run``'s series ``series``, in step order, points without it left out."""
+    points = run.metrics.get("series", {}).get(series, [])
+    return sorted((p["step"], p[key]) for p in points if p.get(key) is not None)
+
+
+def running_mean(points: Sequence[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """The mean of each point and the ``window - 1`` before it (fewer at the start): a noisy loss, smoothed."""
+    values = np.cumsum([0.0] + [v for _, v in points])
+    return [(s, (values[i + 1] - values[max(0, i + 1 - window)]) / min(i + 1, window))
+            for i, (s, _) in enumerate(points)]
+
+
+def loss_figure(run: Run, title: str, window: int = 25) -> Figure:
+    """The training loss of ``run`` per step and its running mean over ``window`` steps."""
+    loss = series_points(run, "loss", series="loss")
+    return plot_curve({"loss per step": loss, f"mean of the last {window} steps": running_mean(loss, window)},
+                      title=title, xlabel="optimizer step", ylabel="MSE of the noise prediction")
+
+
+def scores_figure(run: Run, title: str, keys: Sequence[str] = ("identity", "clip_t", "clip_i")) -> Figure:
+    """``run``'s evaluation scores ``keys`` (cosines) per evaluated step; step 0 is the base model."""
+    labels = {"identity": "identity", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
+    return plot_curve({labels.get(k, k): series_points(run, k) for k in keys}, title=title,
+                      xlabel="optimizer step", ylabel="mean cosine similarity")
+
+
+def first_step_reaching(points: Sequence[tuple[int, float]], target: float) -> int | None:
+    """The first step whose value is at least ``target``; ``None`` if none is."""
+    return next((step for step, value in sorted(points) if value >= target), None)
+
+
+def score_table(columns: dict[str, dict], keys: Sequence[str] = SCORE_KEYS) -> str:
+    """A Markdown table: one row per score in ``keys``, one column per ``{name: scores}`` item (4 significant
+    digits; ``n/a`` for a missing score)."""
+    def cell(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| score | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(cell(c.get(key)) for c in columns.values()) + " |" for key in keys]
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""The method notebooks' shared plumbing: notebook 01's dataset, the evaluation grid and callback, costs, comparisons."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbutils.augment import AugmentConfig, write_prepared_dataset
+from nbutils.metrics import EvalSuite, evaluate_images, images_to_tensor
+from nbutils.models import ensure_tiny_pipeline, tier_defaults
+from nbutils.photos import Photo
+from nbutils.resources import Usage
+from nbutils.runs import new_run, read_png_metadata
+from nbutils.study import (
+    CheckpointEvaluator,
+    eval_setup,
+    first_step_reaching,
+    load_subject_dataset,
+    log_resources,
+    reference_run,
+    running_mean,
+    sample_prompts,
+    score_table,
+    series_points,
+    with_overrides,
+)
+from nbutils.toyworld import TOY_SUBJECT, portraits, render
+from nbutils.train import TrainConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:no (CLIP model|feature network|logits network):UserWarning")
+
+
+class MeanColour:
+    """A deterministic stand-in identity embedder: the mean colour of each image (every image has a 'face')."""
+
+    name = "mean-colour"
+
+    def embed(self, images):
+        x = images_to_tensor(images, 8).mean(dim=(2, 3))
+        return F.normalize(x, dim=1), torch.ones(len(images), dtype=torch.bool)
+
+
+def write_01_run(out_dir: Path, token: str, n_photos: int, size: int, seed: int):
+    """A notebook-01 run folder holding a prepared dataset of toy-subject renders (1 + 2 copies per photo)."""
+    run = new_run("01_dataset", {"TOKEN": token, "SEED": seed}, out_dir=out_dir)
+    photos = [Photo(render(p, size), Path(f"{k}.png")) for k, p in
+              enumerate(portraits(seed, n_photos, identity=TOY_SUBJECT))]
+    write_prepared_dataset(photos, run.artifact_path("dataset"), token, ["a photo of {token} person"],
+                           AugmentConfig(n_per_image=2), seed)
+    return run, photos
+
+
+@pytest.fixture(scope="module")
+def tiny_ref() -> str:
+    return str(ensure_tiny_pipeline())
+
+
+# --------------------------------------------------------------------------------------------------- data
+def test_the_latest_01_run_gives_pairs_references_and_token(tmp_run_dir):
+    write_01_run(tmp_run_dir, "old", n_photos=2, size=32, seed=1)
+    newest, photos = write_01_run(tmp_run_dir, "zqx", n_photos=3, size=32, seed=2)
+    subject = load_subject_dataset("auto", tmp_run_dir, resolution=32)
+    assert subject.path == newest.path / "artifacts" / "dataset" and (subject.token, subject.seed) == ("zqx", 2)
+    assert len(subject.pairs) == 9 and {c for _, c in subject.pairs} == {"a photo of zqx person"}
+    assert [np.asarray(r).tolist() for r in subject.references] == [np.asarray(p.image).tolist() for p in photos]
+
+    by_folder = load_subject_dataset(subject.path, "unused")
+    assert by_folder.token == "zqx" and len(by_folder.pairs) == 9
+
+
+def test_missing_or_mismatched_dataset_is_a_clear_error(tmp_run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"run notebooks/01_dataset.ipynb first \(or make study\)"):
+        load_subject_dataset("auto", tmp_run_dir)
+    write_01_run(tmp_run_dir, "sks", n_photos=1, size=32, seed=0)
+    with pytest.raises(ValueError, match="are 32 px but this model trains at 64 px.*same MODEL"):
+        load_subject_dataset("auto", tmp_run_dir, resolution=64)
+    with pytest.raises(FileNotFoundError, match="no prepared dataset"):
+        load_subject_dataset(tmp_path / "nothing-here", tmp_run_dir)
+
+
+def test_with_overrides_keeps_defaults_for_none_and_takes_zero():
+    cfg = TrainConfig(steps=100, lr=1e-3, checkpoint_every=50)
+    out = with_overrides(cfg, steps=None, lr=5e-3, checkpoint_every=0)
+    assert (out.steps, out.lr, out.checkpoint_every) == (100, 5e-3, 0)
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+def test_eval_setup_defaults_prompts_and_record(tiny_ref):
+    setup = eval_setup(tiny_ref, "data/x", seed=3, quick=False, names=("studio", "pop_art"))
+    defaults = tier_defaults("tiny")
+    assert setup.seeds == (300_000, 300_001) and len(setup.seeds) == defaults.num_samples
+    assert (setup.steps, setup.guidance_scale, setup.batch_size) == (defaults.inference_steps,
+                                                                      defaults.guidance_scale, defaults.batch_size)
+    assert setup.prompts("<sks> person") == ["a photo of <sks> person, in a studio", "a pop art poster of <sks> person"]
+    assert json.loads(json.dumps(setup.as_dict()))["seeds"] == [300_000, 300_001]
+    assert eval_setup(tiny_ref, "data/x", seed=3, quick=True, n_samples=5, steps=7).seeds[-1] == 300_004
+    with pytest.raises(ValueError, match="Unknown evaluation prompts \\['van_gogh'\\]"):
+        eval_setup(tiny_ref, "data/x", seed=0, quick=False, names=("van_gogh",))  # no toy-world Van Gogh
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    write_01_run(out, "sks", n_photos=2, size=32, seed=0)
+    return load_subject_dataset("auto", out)
+
+
+def test_evaluator_scores_exactly_the_images_it_samples_and_logs_them(tiny_pipe, tiny_ref, subject, tmp_run_dir):
+    setup = eval_setup(tiny_ref, subject.path, seed=0, quick=True, names=("studio", "beach"))
+    suite = EvalSuite(MeanColour())
+    evaluator = CheckpointEvaluator(setup, subject, suite, "<sks> person")
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+
+    baseline = evaluator.evaluate(tiny_pipe, run, 0, subject_phrase="a person")
+    images = sample_prompts(tiny_pipe, setup, "a person")
+    expected = evaluate_images(images, subject.references, suite, subject_phrase="a person")
+    assert baseline["identity"] == pytest.approx(expected["identity"], abs=1e-6)
+    assert list(baseline["per_prompt"]) == setup.prompts("a person")
+    assert [np.asarray(i).tolist() for i in evaluator.grid[0]] == [np.asarray(v[0]).tolist() for v in images.values()]
+
+    evaluator(5, SimpleNamespace(pipe=tiny_pipe), run)  # as a train() callback: the subject phrase
+    points = run.metrics["series"]["eval"]
+    assert [(p["step"], p["subject_phrase"]) for p in points] == [(0, "a person"), (5, "<sks> person")]
+    assert points[0]["identity"] == pytest.approx(baseline["identity"]) and sorted(evaluator.scores) == [0, 5]
+    meta = read_png_metadata(run.path / "images" / "step-5-beach.png")
+    assert meta["prompt"] == "a photo of <sks> person, on the beach" and meta["seed"] == 0 and meta["step"] == 5
+    assert evaluator.seconds > 0
+    fig = evaluator.grid_figure("grid")
+    assert len(fig.axes) == 2 * 2 and fig.axes[0].get_ylabel() == "step 0\n(a person)"
+
+
+def test_embed_path_gives_the_pipelines_own_images_for_its_own_embeddings(tiny_pipe, tiny_ref, subject,
+                                                                         tmp_run_dir):
+    setup = eval_setup(tiny_ref, "d", seed=1, quick=True, names=("studio",))
+
+    def embed(prompts):
+        return tiny_pipe.encode_prompt(prompts, tiny_pipe.device, 1, True)
+
+    plain = sample_prompts(tiny_pipe, setup, "a person")
+    embedded = sample_prompts(tiny_pipe, setup, "a person", embed=embed)
+    assert list(plain) == list(embedded)
+    for a, b in zip(plain.values(), embedded.values()):
+        assert [np.asarray(i).tolist() for i in a] == [np.asarray(i).tolist() for i in b]
+
+    calls = []
+
+    def method_embed(method, prompts):  # what a method such as P+ passes to the evaluator
+        calls.append((method.pipe, list(prompts)))
+        return embed(prompts)
+
+    evaluator = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "a person", embed=method_embed)
+    evaluator(3, SimpleNamespace(pipe=tiny_pipe), new_run("03_x", {}, out_dir=tmp_run_dir))
+    assert calls == [(tiny_pipe, setup.prompts("a person"))]
+    assert [np.asarray(i).tolist() for i in evaluator.grid[3]] == [np.asarray(v[0]).tolist() for v in plain.values()]
+
+
+# --------------------------------------------------------------------------------------------------- costs, comparing
+def test_log_resources_subtracts_evaluation_time(tmp_run_dir, tmp_path):
+    artifact = tmp_path / "learned.safetensors"
+    artifact.write_bytes(b"x" * 1234)
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    usage = Usage(wall_s=10.0, start_rss_mb=100.0, peak_rss_mb=150.5, peak_cuda_mb=None)
+    values = log_resources(run, usage, artifact, excluded_s=4.0, steps=40)
+    assert values == {"train_s": 6.0, "eval_s": 4.0, "peak_rss_mb": 150.5, "added_rss_mb": 50.5,
+                      "peak_cuda_mb": None, "artifact_bytes": 1234, "steps": 40}
+    assert {k: run.metrics[k] for k in values} == values
+
+
+def test_reference_run_must_exist_and_share_the_evaluation(tmp_run_dir, tiny_ref):
+    setup = eval_setup(tiny_ref, "d", seed=0, quick=True)
+    with pytest.raises(FileNotFoundError, match="No run of notebooks/02_textual_inversion.ipynb"):
+        reference_run("02_textual_inversion", tmp_run_dir, setup)
+    same = new_run("02_textual_inversion", {"eval": setup.as_dict()}, out_dir=tmp_run_dir)
+    assert reference_run("02_textual_inversion", tmp_run_dir, setup).path == same.path
+    other = eval_setup(tiny_ref, "d", seed=1, quick=True, n_samples=3)
+    with pytest.raises(ValueError, match=r"\(seeds differ\).*MODEL, SEED, QUICK and N_SAMPLES"):
+        reference_run("02_textual_inversion", tmp_run_dir, other)
+
+
+def test_series_and_curve_helpers(tmp_run_dir):
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    for step, value in [(20, 0.5), (0, 0.2), (10, None), (30, 0.45)]:
+        run.log_series("eval", step, identity=value)
+    points = series_points(run, "identity")
+    assert points == [(0, 0.2), (20, 0.5), (30, 0.45)]
+    assert first_step_reaching(points, 0.45) == 20 and first_step_reaching(points, 0.9) is None
+    assert running_mean([(1, 1.0), (2, 3.0), (3, 5.0)], 2) == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    assert series_points(run, "loss", series="loss") == []
+
+
+def test_score_table():
+    table = score_table({"base": {"identity": 0.31234, "clip_t": None}, "TI": {"identity": 0.7, "clip_t": 0.25}},
+                        keys=("identity", "clip_t"))
+    assert table.splitlines() == ["| score | base | TI |", "|---|---|---|", "| identity | 0.3123 | 0.7 |",
+                                  "| clip_t | n/a | 0.25 |"]
