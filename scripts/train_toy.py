@@ -6,10 +6,11 @@ its output exists, so an interrupted run resumes where it stopped:
 1. ``data``     render the pretraining set (identities without the held-out traits) at 64 px;
 2. ``vae``      train the KL autoencoder on random 32 px crops (it is fully convolutional);
 3. ``latents``  encode the set once with the frozen VAE;
-4. ``unet``     train UNet + CLIP text encoder jointly (epsilon MSE, 10 % empty captions for guidance, EMA);
+4. ``unet``     train the UNet under the frozen text tower of the toy CLIP (epsilon MSE, 10 % empty captions for
+                guidance, EMA), as SD1.5 trains under OpenAI's frozen CLIP;
 5. ``save``     write the ``StableDiffusionPipeline`` folder ``data/models/toy-sd`` (safetensors).
 
-The toy evaluators and the toy subject are made by ``scripts/train_toy_evaluators.py``.
+The toy CLIP, the other toy evaluators and the toy subject are made first by ``scripts/train_toy_evaluators.py``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from nbutils import toy_model, toyworld
 from nbutils.clip_bpe import clip_tokenizer
+from nbutils.toy_evaluators import TOY_CLIP_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio")) / "toy-train"
@@ -69,7 +71,7 @@ def _to_tensor(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def stage_vae(work: Path, steps: int, seed: int) -> None:
+def stage_vae(work: Path, steps: int, batch: int, seed: int, device: torch.device) -> None:
     """Train the VAE (MSE + L1 + 1e-6 KL) on random 32 px crops; report full-image PSNR on held-out renders."""
     out = work / "vae.safetensors"
     if out.exists():
@@ -77,14 +79,14 @@ def stage_vae(work: Path, steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images = np.load(work / "images.npy", mmap_mode="r")
-    vae = toy_model.toy_vae()
+    vae = toy_model.toy_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="vae")
     for _ in bar:
-        idx = np.sort(rng.choice(len(images) - 256, 16, replace=False))
+        idx = np.sort(rng.choice(len(images) - 256, batch, replace=False))
         y, x = rng.integers(0, 64 - 32 + 1, 2)
-        crop = _to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32]))
+        crop = _to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32])).to(device)
         post = vae.encode(crop).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, crop) + F.l1_loss(rec, crop) + 1e-6 * post.kl().mean()
@@ -95,13 +97,13 @@ def stage_vae(work: Path, steps: int, seed: int) -> None:
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        held = _to_tensor(np.ascontiguousarray(images[-256:]))
+        held = _to_tensor(np.ascontiguousarray(images[-256:])).to(device)
         lat = vae.encode(held).latent_dist.mean
         rec = vae.decode(lat).sample.clamp(-1, 1)
         mse = F.mse_loss((rec + 1) / 2, (held + 1) / 2).item()
     scaling = 1.0 / lat.std().item()
     vae.register_to_config(scaling_factor=scaling)
-    save_file(vae.state_dict(), out)
+    save_file(vae.cpu().state_dict(), out)
     (work / "vae.json").write_text(json.dumps({"psnr_db": -10 * math.log10(mse), "scaling_factor": scaling}))
     print(f"VAE held-out PSNR {-10 * math.log10(mse):.1f} dB, scaling factor {scaling:.3f}")
 
@@ -113,18 +115,18 @@ def load_vae(work: Path):
     return vae.eval().requires_grad_(False)
 
 
-def stage_latents(work: Path) -> None:
+def stage_latents(work: Path, device: torch.device) -> None:
     """Encode every image once: ``latents.safetensors`` (n, 4, 16, 16), already times the scaling factor."""
     out = work / "latents.safetensors"
     if out.exists():
         return
-    vae = load_vae(work)
+    vae = load_vae(work).to(device)
     images = np.load(work / "images.npy", mmap_mode="r")
     chunks = []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), 256), desc="encode"):
-            x = _to_tensor(np.ascontiguousarray(images[i : i + 256]))
-            chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+            x = _to_tensor(np.ascontiguousarray(images[i : i + 256])).to(device)
+            chunks.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).cpu())
     save_file({"latents": torch.cat(chunks).contiguous()}, out)
 
 
@@ -134,13 +136,11 @@ def _portrait(d: dict) -> toyworld.Portrait:
     return toyworld.Portrait(identity=ident, **rest)
 
 
-def _save_unet_ckpt(path: Path, step: int, unet, te, ema_unet, ema_te, opt) -> None:
+def _save_unet_ckpt(path: Path, step: int, unet, ema_unet, opt) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(unet.state_dict(), tmp / "unet.safetensors")
-    save_file(te.state_dict(), tmp / "text_encoder.safetensors")
     save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(ema_unet.shadow_params)}, tmp / "ema_unet.safetensors")
-    save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(ema_te.shadow_params)}, tmp / "ema_te.safetensors")
     state = opt.state_dict()
     tensors = {f"{k}.{name}": v.contiguous() for k, s in state["state"].items() for name, v in s.items() if torch.is_tensor(v)}
     save_file(tensors, tmp / "optimizer.safetensors")
@@ -148,14 +148,12 @@ def _save_unet_ckpt(path: Path, step: int, unet, te, ema_unet, ema_te, opt) -> N
     replace_dir(tmp, path)
 
 
-def _load_unet_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:
+def _load_unet_ckpt(path: Path, unet, ema_unet, opt) -> int:
     unet.load_state_dict(load_file(path / "unet.safetensors"))
-    te.load_state_dict(load_file(path / "text_encoder.safetensors"))
-    for ema, name in ((ema_unet, "ema_unet"), (ema_te, "ema_te")):
-        saved = load_file(path / f"{name}.safetensors")
-        ema.shadow_params = [saved[f"{i}"] for i in range(len(saved))]
+    saved = load_file(path / "ema_unet.safetensors")
+    ema_unet.shadow_params = [saved[f"{i}"].to(old.device) for i, old in enumerate(ema_unet.shadow_params)]
     meta = json.loads((path / "state.json").read_text())
-    ema_unet.optimization_step = ema_te.optimization_step = meta["ema_step"]
+    ema_unet.optimization_step = meta["ema_step"]
     tensors = load_file(path / "optimizer.safetensors")
     state = opt.state_dict()
     for key, v in tensors.items():
@@ -165,33 +163,35 @@ def _load_unet_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:
     return meta["step"]
 
 
-def stage_unet(work: Path, steps: int, batch: int, seed: int, ckpt_every: int = 200,
-               stop_after: int | None = None) -> None:
-    """Train UNet + text encoder from scratch on the cached latents; checkpoint and resume under ``work/unet-ckpt``.
+def stage_unet(work: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, ckpt_every: int = 200,
+               stop_after: int | None = None, device: torch.device = torch.device("cpu"),
+               clip: Path | None = TOY_CLIP_DIR) -> None:
+    """Train the UNet from scratch on the cached latents; checkpoint and resume under ``work/unet-ckpt``.
 
+    ``clip``: the CLIP folder whose frozen text tower conditions the UNet (``None``: random, for tests).
     ``stop_after``: leave after that many steps with a checkpoint, as an interruption would (for tests).
     """
     done = work / "unet-final"
     if done.exists():
         return
     torch.manual_seed(seed)
-    latents = load_file(work / "latents.safetensors")["latents"]
+    latents = load_file(work / "latents.safetensors")["latents"].to(device)
     portraits = [_portrait(d) for d in json.loads((work / "portraits.json").read_text())]
     tok = clip_tokenizer()
-    unet, te = toy_model.toy_unet(), toy_model.toy_text_encoder()
+    unet = toy_model.toy_unet().to(device)
+    te = toy_model.toy_text_encoder(clip).to(device).eval().requires_grad_(False)
     noise_sched = toy_model.train_scheduler()
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     ema_unet = EMAModel(unet.parameters(), decay=0.999)
-    ema_te = EMAModel(te.parameters(), decay=0.999)
     ckpt = work / "unet-ckpt"
-    start = _load_unet_ckpt(ckpt, unet, te, ema_unet, ema_te, opt) if ckpt.exists() else 0
+    start = _load_unet_ckpt(ckpt, unet, ema_unet, opt) if ckpt.exists() else 0
 
     def lr_at(step: int) -> float:
-        warm = min(1.0, (step + 1) / 100)
-        return 3e-4 * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        warm = min(1.0, (step + 1) / 200)
+        return lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
     log = open(work / "unet-loss.jsonl", "a")
+    pending: list[torch.Tensor] = []
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="unet")
     for step in bar:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the batch of step k is the same after a resume
@@ -199,39 +199,43 @@ def stage_unet(work: Path, steps: int, batch: int, seed: int, ckpt_every: int = 
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         captions = ["" if rng.random() < 0.1 else toyworld.caption_variants(portraits[i], rng) for i in idx.tolist()]
         ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
+        x0 = latents[idx.to(device)]
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g).to(device)
         xt = noise_sched.add_noise(x0, noise, t)
-        pred = unet(xt, t, te(ids)[0]).sample
+        with torch.no_grad():
+            states = te(ids.to(device))[0]
+        pred = unet(xt, t, states).sample
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         ema_unet.step(unet.parameters())
-        ema_te.step(te.parameters())
-        log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        pending.append(loss.detach())
+        if len(pending) == 10 or (step + 1) % ckpt_every == 0 or step + 1 in (steps, stop_after):
+            values = torch.stack(pending).tolist()  # one wait for the device per 10 steps, not one per step
+            log.writelines(json.dumps({"step": step + 2 - len(values) + k, "loss": v}) + "\n" for k, v in enumerate(values))
+            bar.set_postfix(loss=f"{values[-1]:.4f}")
+            pending.clear()
         if (step + 1) % ckpt_every == 0 or step + 1 in (steps, stop_after):
             log.flush()
-            _save_unet_ckpt(ckpt, step + 1, unet, te, ema_unet, ema_te, opt)
+            _save_unet_ckpt(ckpt, step + 1, unet, ema_unet, opt)
         if step + 1 == stop_after:
             log.close()
             return
     log.close()
     ema_unet.copy_to(unet.parameters())
-    ema_te.copy_to(te.parameters())
     tmp = work / "unet-final.tmp"
     tmp.mkdir(exist_ok=True)
-    save_file(unet.state_dict(), tmp / "unet.safetensors")
-    save_file(te.state_dict(), tmp / "text_encoder.safetensors")
+    save_file(unet.cpu().state_dict(), tmp / "unet.safetensors")
+    save_file(te.cpu().state_dict(), tmp / "text_encoder.safetensors")
     os.replace(tmp, done)
 
 
-def stage_save(work: Path, out: Path) -> None:
+def stage_save(work: Path, out: Path, recipe: dict) -> None:
     """Assemble and save the ``StableDiffusionPipeline`` folder (safetensors) at ``out``."""
     unet, te = toy_model.toy_unet(), toy_model.toy_text_encoder()
     unet.load_state_dict(load_file(work / "unet-final" / "unet.safetensors"))
@@ -243,7 +247,9 @@ def stage_save(work: Path, out: Path) -> None:
     )
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
-    info = {"vae": json.loads((work / "vae.json").read_text()), "trained_by": "scripts/train_toy.py"}
+    losses = [json.loads(line)["loss"] for line in (work / "unet-loss.jsonl").read_text().splitlines()[-100:]]
+    info = {"trained_by": "scripts/train_toy.py", "recipe": recipe, "vae": json.loads((work / "vae.json").read_text()),
+            "unet_final_loss_mean_last_100_steps": float(np.mean(losses)), "torch": torch.__version__}
     (tmp / "training.json").write_text(json.dumps(info, indent=2))
     replace_dir(tmp, out)
     print(f"saved {out}")
@@ -255,21 +261,28 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "data" / "models" / "toy-sd")
     ap.add_argument("--images", type=int, default=12000)
     ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--unet-steps", type=int, default=1400)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads; 1 is much faster when other jobs share the cores")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
+    recipe = {k: v for k, v in vars(args).items() if k not in ("work", "out", "threads")}
+    if device.type == "cuda":
+        recipe["gpu"] = torch.cuda.get_device_name(device)
     t0 = time.time()
     for name, fn in [
         ("data", lambda: stage_data(args.work, args.images, args.seed)),
-        ("vae", lambda: stage_vae(args.work, args.vae_steps, args.seed)),
-        ("latents", lambda: stage_latents(args.work)),
-        ("unet", lambda: stage_unet(args.work, args.unet_steps, args.batch, args.seed)),
-        ("save", lambda: stage_save(args.work, args.out)),
+        ("vae", lambda: stage_vae(args.work, args.vae_steps, args.vae_batch, args.seed, device)),
+        ("latents", lambda: stage_latents(args.work, device)),
+        ("unet", lambda: stage_unet(args.work, args.unet_steps, args.batch, args.seed, args.lr, device=device)),
+        ("save", lambda: stage_save(args.work, args.out, {**recipe, "seconds_this_run": round(time.time() - t0)})),
     ]:
         t = time.time()
         fn()

@@ -30,8 +30,8 @@ def train_toy():
 def work(tmp_path_factory, train_toy):
     w = tmp_path_factory.mktemp("toy-train")
     train_toy.stage_data(w, n=300, seed=0)
-    train_toy.stage_vae(w, steps=2, seed=0)
-    train_toy.stage_latents(w)
+    train_toy.stage_vae(w, steps=2, batch=4, seed=0, device=torch.device("cpu"))
+    train_toy.stage_latents(w, torch.device("cpu"))
     return w
 
 
@@ -67,9 +67,13 @@ def test_unet_stage_resumes_exactly(work, train_toy, tmp_path):
 def test_saved_folder_loads_with_plain_diffusers(work, train_toy, tmp_path):
     train_toy.stage_unet(work, steps=2, batch=4, seed=0, ckpt_every=2)
     out = tmp_path / "toy-sd"
-    train_toy.stage_save(work, out)
+    train_toy.stage_save(work, out, {"unet_steps": 2})
     pipe = StableDiffusionPipeline.from_pretrained(out, use_safetensors=True)
     img = pipe("a photo of a person", num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3)
     assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((work / "vae.json").read_text())["scaling_factor"])
+    steps = [json.loads(line)["step"] for line in (work / "unet-loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    info = json.loads((out / "training.json").read_text())
+    assert info["recipe"] == {"unet_steps": 2} and np.isfinite(info["unet_final_loss_mean_last_100_steps"])
