@@ -37,9 +37,10 @@ study: venv
 test: venv
 	$(PY) -m pytest
 
+# The evaluators come first: the toy model's text encoder is the toy CLIP's text tower.
 toy-model: venv
-	$(PY) scripts/train_toy.py
 	$(PY) scripts/train_toy_evaluators.py
+	$(PY) scripts/train_toy.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,8 +9,8 @@ reaches the UNet) and calls this module for the rest:
   ``nbutils.metrics.evaluate_images`` before training (the base model) and at every checkpoint, each point logged
   as ``run.log_series("eval", step, ...)``; the same grid in every method notebook, so their curves compare;
 - ``log_resources``: training time (evaluation excluded), peak memory and artifact size into the run;
-- ``reference_run``, ``series_points``, ``loss_figure``, ``scores_figure``, ``first_step_reaching``,
-  ``score_table``: reading, plotting and comparing results.
+- ``reference_run``, ``reference_runs``, ``series_points``, ``loss_figure``, ``scores_figure``,
+  ``first_step_reaching``, ``score_table``: reading, plotting and comparing results.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from nbutils.metrics import EvalSuite, evaluate_images
 from nbutils.models import model_tier, tier_defaults
 from nbutils.prompts import PROMPT_SETS
 from nbutils.resources import Usage, dir_size_bytes
-from nbutils.runs import Run, latest_run, load_run, repo_path
+from nbutils.runs import Run, latest_run, list_runs, load_run, repo_path
 from nbutils.sampling import generate
 from nbutils.train import Method, TrainConfig
 from nbutils.viz import image_grid, plot_curve
@@ -171,8 +171,10 @@ class CheckpointEvaluator:
     ``subject_phrase``: how prompts name the learned subject (``"<sks> person"``); ``class_phrase``: what CLIP-T
     compares against instead (``"a person"``), also the base model's phrase for the baseline. ``embed(method,
     prompts)``: the method's own conditioning (P+), ``None`` for plain prompts. After each evaluation
-    ``scores[step]`` holds ``evaluate_images``' result, ``grid[step]`` the first seed's image of every prompt, and
-    ``seconds`` the time spent evaluating so far.
+    ``scores[step]`` holds ``evaluate_images``' result, ``grid[step]`` the first seed's image of every prompt,
+    ``images`` the latest evaluation's images (``{prompt: one image per seed}``, for further measures such as
+    ``nbutils.dreambooth.nearest_training_similarity``) and ``seconds`` the time spent in evaluations run as a
+    training callback (not direct ``evaluate`` calls such as the baseline's), to subtract from training wall time.
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class CheckpointEvaluator:
         self.subject_phrase, self.class_phrase, self.embed = subject_phrase, class_phrase, embed
         self.scores: dict[int, dict] = {}
         self.grid: dict[int, list[Image.Image]] = {}
+        self.images: dict[str, list[Image.Image]] = {}
         self.seconds = 0.0
 
     def evaluate(
@@ -191,21 +194,22 @@ class CheckpointEvaluator:
     ) -> dict:
         """Sample, score and log one point: series ``"eval"`` at ``step`` (with its ``subject_phrase``), the first
         seed's images saved as ``images/step-<step>-<prompt name>.png``. Returns the scores."""
-        start = time.perf_counter()
         phrase = subject_phrase or self.subject_phrase
         images = sample_prompts(pipe, self.setup, phrase, embed=embed)
         scores = evaluate_images(images, self.subject.references, self.suite, subject_phrase=phrase,
                                  class_phrase=self.class_phrase, seed=self.setup.seeds[0])
         self.scores[step], self.grid[step] = scores, [imgs[0] for imgs in images.values()]
+        self.images = images
         for name, (prompt, imgs) in zip(self.setup.names, images.items()):
             run.save_image(imgs[0], f"step-{step}-{name}", prompt=prompt, seed=self.setup.seeds[0], step=step)
         run.log_series("eval", step, subject_phrase=phrase, **scores)
-        self.seconds += time.perf_counter() - start
         return scores
 
     def __call__(self, step: int, method: Method, run: Run) -> None:
+        start = time.perf_counter()
         embed = None if self.embed is None else (lambda prompts: self.embed(method, prompts))
         self.evaluate(method.pipe, run, step, embed=embed)
+        self.seconds += time.perf_counter() - start
 
     def grid_figure(self, title: str) -> Figure:
         """Rows: the evaluated steps (step 0: the base model with ``class_phrase``); columns: the prompts."""
@@ -234,19 +238,43 @@ def log_resources(run: Run, usage: Usage, artifact: str | Path, *, excluded_s: f
 
 
 # --------------------------------------------------------------------------------------------------- comparing
-def reference_run(notebook: str, out_dir: str | Path, setup: EvalSetup) -> Run:
-    """The latest run of ``notebook`` in ``out_dir``, checked to be scored on the same ``setup`` (its config's
-    ``params["eval"]``), so that its curves compare with this notebook's."""
-    run = latest_run(notebook, out_dir)
-    if run is None:
-        raise FileNotFoundError(f"No run of notebooks/{notebook}.ipynb in {repo_path(out_dir)}: run it first with "
-                                "the same OUT_DIR (or make study).")
+def reference_run(notebook: str, out_dir: str | Path, setup: EvalSetup, *, method: str | None = None) -> Run:
+    """The latest run of ``notebook`` (of ``method``, for a notebook that trains several) in ``out_dir``, checked
+    to be scored on the same ``setup`` (its config's ``params["eval"]``), so that its curves compare with this
+    notebook's."""
+    runs = list_runs(out_dir, notebook=notebook, method=method)
+    if not runs:
+        which = f" with method {method!r}" if method else ""
+        raise FileNotFoundError(f"No run of notebooks/{notebook}.ipynb{which} in {repo_path(out_dir)}: run it first "
+                                "with the same OUT_DIR (or make study).")
+    run = runs[-1]
     theirs, ours = run.config["params"].get("eval", {}), setup.as_dict()
     differ = sorted(k for k in ours if theirs.get(k) != ours[k])
     if differ:
         raise ValueError(f"{run.path} was evaluated differently ({', '.join(differ)} differ): run "
                          f"notebooks/{notebook}.ipynb again with this notebook's MODEL, SEED, QUICK and N_SAMPLES.")
     return run
+
+
+def reference_runs(
+    wanted: dict[str, tuple[str, str | None]], out_dir: str | Path, setup: EvalSetup
+) -> tuple[dict[str, Run], list[str]]:
+    """Optional comparisons: for each ``{label: (notebook, method)}`` the run ``reference_run`` finds, if it
+    exists, shares ``setup`` and finished (its metrics hold ``train_s`` and an ``"eval"`` series). Returns
+    ``({label: run}, notes)``, one note per label left out, saying why and how to add it."""
+    found, notes = {}, []
+    for name, (notebook, method) in wanted.items():
+        try:
+            run = reference_run(notebook, out_dir, setup, method=method)
+        except (FileNotFoundError, ValueError) as err:
+            notes.append(f"{name} left out: {err}")
+            continue
+        metrics = run.metrics
+        if "train_s" not in metrics or not metrics.get("series", {}).get("eval"):
+            notes.append(f"{name} left out: {run.path} did not finish (no training costs or scores logged).")
+            continue
+        found[name] = run
+    return found, notes
 
 
 def series_points(run: Run, key: str, series: str = "eval") -> list[tuple[int, float]]:

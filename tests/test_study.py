@@ -23,6 +23,7 @@ from nbutils.study import (
     load_subject_dataset,
     log_resources,
     reference_run,
+    reference_runs,
     running_mean,
     sample_prompts,
     score_table,
@@ -122,11 +123,16 @@ def test_evaluator_scores_exactly_the_images_it_samples_and_logs_them(tiny_pipe,
     assert baseline["identity"] == pytest.approx(expected["identity"], abs=1e-6)
     assert list(baseline["per_prompt"]) == setup.prompts("a person")
     assert [np.asarray(i).tolist() for i in evaluator.grid[0]] == [np.asarray(v[0]).tolist() for v in images.values()]
+    assert list(evaluator.images) == list(images)  # every image of the latest evaluation, kept for other measures
+    assert all([np.asarray(i).tolist() for i in evaluator.images[p]] == [np.asarray(i).tolist() for i in images[p]]
+               for p in images)
 
+    assert evaluator.seconds == 0  # the baseline is evaluated before training: not part of its wall time
     evaluator(5, SimpleNamespace(pipe=tiny_pipe), run)  # as a train() callback: the subject phrase
     points = run.metrics["series"]["eval"]
     assert [(p["step"], p["subject_phrase"]) for p in points] == [(0, "a person"), (5, "<sks> person")]
     assert points[0]["identity"] == pytest.approx(baseline["identity"]) and sorted(evaluator.scores) == [0, 5]
+    assert list(evaluator.images) == setup.prompts("<sks> person")  # now the latest evaluation's
     meta = read_png_metadata(run.path / "images" / "step-5-beach.png")
     assert meta["prompt"] == "a photo of <sks> person, on the beach" and meta["seed"] == 0 and meta["step"] == 5
     assert evaluator.seconds > 0
@@ -180,6 +186,27 @@ def test_reference_run_must_exist_and_share_the_evaluation(tmp_run_dir, tiny_ref
     other = eval_setup(tiny_ref, "d", seed=1, quick=True, n_samples=3)
     with pytest.raises(ValueError, match=r"\(seeds differ\).*MODEL, SEED, QUICK and N_SAMPLES"):
         reference_run("02_textual_inversion", tmp_run_dir, other)
+
+
+def test_reference_run_of_one_method_and_optional_references(tmp_run_dir, tiny_ref):
+    setup = eval_setup(tiny_ref, "d", seed=0, quick=True)
+    lora = new_run("04_lora_svdiff", {"eval": setup.as_dict()}, out_dir=tmp_run_dir, method="lora")
+    lora.log_metrics(train_s=3.0)
+    lora.log_series("eval", 0, identity=0.3)
+    svdiff = new_run("04_lora_svdiff", {"eval": setup.as_dict()}, out_dir=tmp_run_dir, method="svdiff")
+    assert reference_run("04_lora_svdiff", tmp_run_dir, setup).path == svdiff.path  # the latest of any method
+    assert reference_run("04_lora_svdiff", tmp_run_dir, setup, method="lora").path == lora.path
+    with pytest.raises(FileNotFoundError, match="with method 'pplus'"):
+        reference_run("04_lora_svdiff", tmp_run_dir, setup, method="pplus")
+
+    new_run("02_textual_inversion", {"eval": eval_setup(tiny_ref, "d", seed=1, quick=True).as_dict()},
+            out_dir=tmp_run_dir, method="textual_inversion")
+    found, notes = reference_runs({"LoRA": ("04_lora_svdiff", "lora"), "SVDiff": ("04_lora_svdiff", "svdiff"),
+                                   "TI": ("02_textual_inversion", None), "P+": ("03_pplus", None)},
+                                  tmp_run_dir, setup)
+    assert {name: run.path for name, run in found.items()} == {"LoRA": lora.path}
+    assert [n.split(" left out: ")[0] for n in notes] == ["SVDiff", "TI", "P+"]
+    assert "did not finish" in notes[0] and "(seeds differ)" in notes[1] and "No run of notebooks/03" in notes[2]
 
 
 def test_series_and_curve_helpers(tmp_run_dir):
