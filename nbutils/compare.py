@@ -31,7 +31,7 @@ from PIL import Image
 
 from nbutils.runs import Run, atomic_write, list_runs, read_png_metadata, repo_path
 from nbutils.study import score_table, series_points
-from nbutils.viz import _new_figure, image_grid, plot_curve
+from nbutils.viz import new_figure, image_grid, plot_curve
 
 METHODS: dict[str, tuple[str, str]] = {
     "textual_inversion": ("Textual Inversion", "02"),
@@ -39,6 +39,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "lora": ("LoRA", "04"),
     "svdiff": ("SVDiff", "04"),
     "dreambooth": ("DreamBooth", "05"),
+    "dreambooth_no_prior": ("DreamBooth without prior preservation", "05"),
+    "dreambooth_ti": ("DreamBooth + TI", "05"),
+    "pivotal_tuning": ("LoRA + TI (pivotal tuning)", "05"),
 }
 """The methods of notebooks 02-05: ``{method: (label, notebook number)}``, in the order tables list them."""
 
@@ -233,7 +236,7 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
 
 def _message_figure(title: str, message: str) -> Figure:
     """A figure that says why there is nothing to draw."""
-    fig = _new_figure((6, 2.5))
+    fig = new_figure((6, 2.5))
     ax = fig.subplots()
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
@@ -246,7 +249,7 @@ def pareto_figure(points: Mapping[str, tuple[float, float]], title: str,
     """Scatter of ``points`` (``{name: (x, y)}``), each labelled, with the Pareto front (``pareto_front``) as a line."""
     if not points:
         return _message_figure(title, "No run has both scores logged: nothing to plot.")
-    fig = _new_figure((6.5, 4.5))
+    fig = new_figure((6.5, 4.5))
     ax = fig.subplots()
     front = pareto_front(points)
     for name, (x, y) in points.items():

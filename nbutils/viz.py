@@ -1,4 +1,5 @@
-"""Figures every notebook uses: one labelled image grid, one curve plot, and saving a figure as a PNG.
+"""Figures every notebook uses: one labelled image grid, one curve plot, one bar chart, and saving a figure as
+a PNG.
 
 Each helper returns a closed ``matplotlib`` ``Figure``: pyplot keeps no reference to it and the notebook backend
 does not draw it by itself, so a notebook shows it by leaving it as a cell's last value (or ``display(fig)``),
@@ -17,8 +18,9 @@ from PIL import Image
 from nbutils.runs import atomic_write, repo_path
 
 
-def _new_figure(size: tuple[float, float]) -> Figure:
-    """A pyplot figure (so Jupyter's inline backend can render it as a cell's value), closed at once."""
+def new_figure(size: tuple[float, float]) -> Figure:
+    """A pyplot figure of ``size`` (width, height) in inches, closed at once (Jupyter's inline backend still
+    renders it as a cell's value)."""
     fig = plt.figure(figsize=size, layout="constrained")
     plt.close(fig)
     return fig
@@ -62,7 +64,7 @@ def image_grid(
     for labels, n, what in ((row_labels, n_rows, "row"), (col_labels, n_cols, "column")):
         if labels is not None and len(labels) != n:
             raise ValueError(f"image_grid got {len(labels)} {what} labels for {n} {what}s.")
-    fig = _new_figure((n_cols * cell, n_rows * cell + (0.4 if title else 0)))
+    fig = new_figure((n_cols * cell, n_rows * cell + (0.4 if title else 0)))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
@@ -88,7 +90,7 @@ def plot_curve(
     """Line plot of one or more curves: ``series`` maps a legend name to ``(step, value)`` points."""
     if not series or not any(series.values()):
         raise ValueError("plot_curve needs at least one series with points, e.g. {'loss': [(0, 1.2), (1, 0.9)]}.")
-    fig = _new_figure((6, 4))
+    fig = new_figure((6, 4))
     ax = fig.subplots()
     for name, points in series.items():
         steps, values = zip(*points) if points else ((), ())
@@ -98,6 +100,36 @@ def plot_curve(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    return fig
+
+
+def bar_chart(
+    groups: dict[str, dict[str, float | None]], title: str, xlabel: str, ylabel: str,
+    lines: dict[str, float] | None = None,
+) -> Figure:
+    """Grouped bars: one group per ``groups`` key along the x axis, one bar per inner key (the same colour in
+    every group, named in the legend), each value written above its bar; a ``None`` value leaves its bar out.
+    ``lines``: ``{label: y}`` dashed horizontal reference lines (e.g. a baseline)."""
+    series = list(dict.fromkeys(key for values in groups.values() for key in values))
+    if not series:
+        raise ValueError("bar_chart needs at least one value, e.g. {'base model': {'identity': 0.4}}.")
+    width = 0.8 / len(series)
+    fig = new_figure((max(6.0, 1.3 * len(groups) * max(1, len(series) / 2)), 4.2))
+    ax = fig.subplots()
+    for k, name in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i, values in enumerate(groups.values())
+              if values.get(name) is not None]
+        ys = [values[name] for values in groups.values() if values.get(name) is not None]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    for k, (name, y) in enumerate((lines or {}).items()):
+        ax.axhline(y, color=f"C{len(series) + k}", ls="--", lw=1, label=name)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
     return fig
 
 
