@@ -15,7 +15,7 @@ OPEN_CLIP := open-clip-torch==3.3.0
 # noise, keep everything else (pipefail keeps pip's exit status).
 PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: venv study test toy-model clean-venv
+.PHONY: venv study test toy-model toy-evaluators clean-venv
 
 venv: $(VENV)/.ready
 
@@ -37,10 +37,13 @@ study: venv
 test: venv
 	$(PY) -m pytest
 
-# The evaluators come first: the toy model's text encoder is the toy CLIP's text tower.
+# The toy model conditions on the committed toy CLIP's text tower (data/models/toy-clip); `make toy-evaluators`
+# retrains that CLIP and the other toy evaluators (run it first to rebuild the whole chain from scratch).
 toy-model: venv
-	$(PY) scripts/train_toy_evaluators.py
 	$(PY) scripts/train_toy.py
+
+toy-evaluators: venv
+	$(PY) scripts/train_toy_evaluators.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -49,6 +49,7 @@ from nbutils.models import TINY_MODEL_DIR
 from nbutils.runs import atomic_write, atomic_write_json
 from nbutils.sampling import generate
 from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss, encode_latents, make_batch
+from nbutils.viz import png_bytes
 
 CLASS_PROMPT = "a photo of a person"
 # The project's cache folder ($PORTRAIT_STUDIO_CACHE, default ~/.cache/portrait-studio), as for the tiny model.
@@ -117,12 +118,6 @@ def _read_image(path: Path) -> tuple[Image.Image, bytes]:
         return img.convert("RGB"), data
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def ensure_class_images(
     pipe: StableDiffusionPipeline,
     n: int,
@@ -189,7 +184,7 @@ def ensure_class_images(
         images = generate(pipe, prompt, [s for _, s in chunk], steps=steps, guidance_scale=guidance_scale,
                           batch_size=batch_size, height=resolution, width=resolution, progress=False)
         for (name, s), image in zip(chunk, images):
-            data = _png_bytes(image)
+            data = png_bytes(image)
             atomic_write(folder / name, data)
             loaded[name] = (image.convert("RGB"), data)
             generated[name] = s

@@ -9,6 +9,7 @@ reaches the UNet) and calls this module for the rest:
   ``nbutils.metrics.evaluate_images`` before training (the base model) and at every checkpoint, each point logged
   as ``run.log_series("eval", step, ...)``; the same grid in every method notebook, so their curves compare;
 - ``log_resources``: training time (evaluation excluded), peak memory and artifact size into the run;
+  ``train_and_log``: one training with its evaluator, its costs logged;
 - ``reference_run``, ``reference_runs``, ``series_points``, ``loss_figure``, ``scores_figure``,
   ``first_step_reaching``, ``score_table``: reading, plotting and comparing results.
 """
@@ -30,10 +31,10 @@ from nbutils.augment import load_prepared_dataset
 from nbutils.metrics import EvalSuite, evaluate_images
 from nbutils.models import model_tier, tier_defaults
 from nbutils.prompts import PROMPT_SETS
-from nbutils.resources import Usage, dir_size_bytes
+from nbutils.resources import Usage, dir_size_bytes, track
 from nbutils.runs import Run, latest_run, list_runs, load_run, repo_path
 from nbutils.sampling import generate
-from nbutils.train import Method, TrainConfig
+from nbutils.train import Method, TrainConfig, TrainResult, train
 from nbutils.viz import image_grid, plot_curve
 
 RUN_01_FIRST = "run notebooks/01_dataset.ipynb first (or make study)"
@@ -235,6 +236,23 @@ def log_resources(run: Run, usage: Usage, artifact: str | Path, *, excluded_s: f
               "artifact_bytes": dir_size_bytes(artifact), **extra}
     run.log_metrics(**values)
     return values
+
+
+def train_and_log(
+    method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: TrainConfig, run: Run,
+    evaluator: CheckpointEvaluator, **extra,
+) -> tuple[TrainResult, dict]:
+    """``train`` into ``run`` with ``evaluator`` as its callback, measured by ``track``, then ``log_resources`` with
+    the evaluator's time during training excluded, the final checkpoint's weights file as the artifact, ``steps``,
+    ``trainable_params`` (every number the optimizer updates) and ``extra``. Returns (``train``'s result, the
+    logged costs)."""
+    before = evaluator.seconds
+    with track() as usage:
+        result = train(method, dataset, cfg, run, callbacks=[evaluator])
+    trainable = sum(p.numel() for p in method.trainable_parameters())
+    costs = log_resources(run, usage, result.checkpoint / method.weights_name, excluded_s=evaluator.seconds - before,
+                          steps=cfg.steps, trainable_params=trainable, **extra)
+    return result, costs
 
 
 # --------------------------------------------------------------------------------------------------- comparing

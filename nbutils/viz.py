@@ -1,5 +1,5 @@
 """Figures every notebook uses: one labelled image grid, one curve plot, one bar chart, and saving a figure as
-a PNG.
+a PNG; and one interactive view, an image redrawn from a slider.
 
 Each helper returns a closed ``matplotlib`` ``Figure``: pyplot keeps no reference to it and the notebook backend
 does not draw it by itself, so a notebook shows it by leaving it as a cell's last value (or ``display(fig)``),
@@ -8,7 +8,7 @@ exactly once, and saves it with ``save_figure``.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -131,6 +131,24 @@ def bar_chart(
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return fig
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as a PNG file (no metadata)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_slider(draw: Callable[[float], Image.Image], slider):
+    """An ipywidgets view: ``slider`` (e.g. a ``FloatSlider``) above the image ``draw(slider.value)``, redrawn
+    whenever the slider's value changes. The image is an ``ipywidgets.Image`` rather than ``interact``'s output
+    area, whose captured output hung papermill in about half of our batch runs. Returns the ``VBox``."""
+    import ipywidgets as widgets  # lazy: only interactive notebooks need it
+
+    view = widgets.Image(value=png_bytes(draw(slider.value)), format="png")
+    slider.observe(lambda change: setattr(view, "value", png_bytes(draw(change["new"]))), names="value")
+    return widgets.VBox([slider, view])
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:

@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=12000)
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=1400)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet")
     ap.add_argument("--seed", type=int, default=0)

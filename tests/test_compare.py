@@ -72,8 +72,10 @@ def test_latest_finished_run_of_each_method_is_chosen_and_the_rest_explained(tmp
     assert f"Skipped {corrupt.name}: its metrics.json is corrupt." in sel.notes
     assert f"Skipped {running.name}: it logged no training costs yet (it crashed or is still running)." in sel.notes
     missing = [n for n in sel.notes if n.startswith("No finished")]
-    assert [n.split()[2] for n in missing] == ["LoRA", "SVDiff", "DreamBooth"]
-    assert "run notebook 05" in missing[-1]
+    assert [n.removeprefix("No finished ").split(" run for ")[0] for n in missing] == [
+        "LoRA", "SVDiff", "DreamBooth", "DreamBooth without prior preservation", "DreamBooth + TI",
+        "LoRA + TI (pivotal tuning)"]
+    assert all("run notebook 05" in n for n in missing[2:])
 
 
 def test_only_runs_of_one_model_quick_and_seed_are_compared(tmp_run_dir):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from nbutils.augment import AugmentConfig, write_prepared_dataset
 from nbutils.metrics import EvalSuite, evaluate_images, images_to_tensor
-from nbutils.models import ensure_tiny_pipeline, tier_defaults
+from nbutils.models import build_tiny_pipeline, ensure_tiny_pipeline, tier_defaults
 from nbutils.photos import Photo
 from nbutils.resources import Usage
 from nbutils.runs import new_run, read_png_metadata
@@ -28,8 +28,10 @@ from nbutils.study import (
     sample_prompts,
     score_table,
     series_points,
+    train_and_log,
     with_overrides,
 )
+from nbutils.textual_inversion import TextualInversion, with_placeholder
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import TrainConfig
 
@@ -175,6 +177,24 @@ def test_log_resources_subtracts_evaluation_time(tmp_run_dir, tmp_path):
     assert values == {"train_s": 6.0, "eval_s": 4.0, "peak_rss_mb": 150.5, "added_rss_mb": 50.5,
                       "peak_cuda_mb": None, "artifact_bytes": 1234, "steps": 40}
     assert {k: run.metrics[k] for k in values} == values
+
+
+def test_train_and_log_excludes_only_the_evaluation_during_training(tiny_ref, subject, tmp_run_dir):
+    pipe = build_tiny_pipeline(seed=0)  # its own: textual inversion adds a token
+    method = TextualInversion(pipe, "<sks>", init_word="person")
+    setup = eval_setup(tiny_ref, subject.path, seed=0, quick=True, names=("studio",))
+    evaluator = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "<sks> person")
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    evaluator.evaluate(pipe, run, 0, subject_phrase="a person")
+    before = evaluator.seconds
+    dataset = with_placeholder(subject.pairs, subject.token, "<sks>")
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, checkpoint_every=1, resolution=32)
+    result, costs = train_and_log(method, dataset, cfg, run, evaluator, note="x")
+    assert sorted(evaluator.scores) == [0, 1, 2] and result.checkpoint.name == "step-2"
+    assert costs["eval_s"] == round(evaluator.seconds - before, 1) and costs["train_s"] >= 0
+    assert costs["artifact_bytes"] == (result.checkpoint / method.weights_name).stat().st_size
+    assert (costs["steps"], costs["trainable_params"], costs["note"]) == (2, method.embeds.numel(), "x")
+    assert {k: run.metrics[k] for k in costs} == costs
 
 
 def test_reference_run_must_exist_and_share_the_evaluation(tmp_run_dir, tiny_ref):

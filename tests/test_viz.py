@@ -1,12 +1,14 @@
-"""Image grid, curve plot and figure saving."""
+"""Image grid, curve plot, bar chart, figure saving and the image slider."""
 from __future__ import annotations
+
+import io
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from PIL import Image
 
-from nbutils.viz import image_grid, plot_curve, save_figure
+from nbutils.viz import bar_chart, image_grid, image_slider, plot_curve, png_bytes, save_figure
 
 
 def solid(value):
@@ -53,6 +55,22 @@ def test_plot_curve_draws_each_series():
         plot_curve({"loss": []}, "t", "x", "y")
 
 
+def test_bar_chart_groups_bars_by_series_and_skips_missing_values():
+    fig = bar_chart({"base": {"drift": 0.4, "nearest": 0.9}, "trained": {"drift": 0.7, "nearest": None}},
+                    "Failure modes (seed 0)", "model", "cosine", lines={"photos vs photos": 0.95})
+    ax = fig.axes[0]
+    heights = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+    assert heights == {"drift": [0.4, 0.7], "nearest": [0.9]}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "trained"]
+    bar = ax.containers[0][1]  # series 1 of 2 in group 1: left of the group's centre
+    assert bar.get_x() + bar.get_width() / 2 == pytest.approx(0.8) and bar.get_width() == pytest.approx(0.4)
+    assert [line.get_label() for line in ax.lines] == ["photos vs photos"] and ax.lines[0].get_ydata()[0] == 0.95
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("Failure modes (seed 0)", "model", "cosine")
+    assert "0.700" in [t.get_text() for t in ax.texts]
+    with pytest.raises(ValueError, match="at least one value"):
+        bar_chart({"base": {}}, "t", "x", "y")
+
+
 def test_save_figure_writes_a_png_atomically(tmp_path):
     fig = image_grid([solid(0), solid(255)], cell=1.0)
     path = save_figure(fig, tmp_path / "figures" / "grid.png", dpi=50)
@@ -62,3 +80,27 @@ def test_save_figure_writes_a_png_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]
     with pytest.raises(ValueError, match="ending in .png"):
         save_figure(fig, tmp_path / "grid.jpg")
+
+
+def test_png_bytes_round_trips_the_pixels():
+    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    data = png_bytes(image)
+    assert data.startswith(b"\x89PNG") and np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(image))
+
+
+def test_image_slider_redraws_the_image_when_the_slider_moves():
+    import ipywidgets as widgets
+
+    drawn = []
+
+    def draw(value):
+        drawn.append(value)
+        return solid(int(value * 100))
+
+    slider = widgets.FloatSlider(value=1.0, min=0.0, max=2.0)
+    box = image_slider(draw, slider)
+    assert box.children[0] is slider and drawn == [1.0]
+    view = box.children[1]
+    assert view.value == png_bytes(solid(100))
+    slider.value = 0.5
+    assert drawn == [1.0, 0.5] and view.value == png_bytes(solid(50))
