@@ -51,6 +51,15 @@ def test_shipped_toy_model_loads_offline_and_is_small():
     assert len(pipe.tokenizer) == VOCAB_SIZE
 
 
+@pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists() or not (TOY_CLIP_DIR / "config.json").exists(),
+                    reason="toy model or toy CLIP not trained yet")
+def test_shipped_toy_model_conditions_on_the_toy_clips_frozen_text_tower():
+    """As SD1.5 under OpenAI's CLIP: the generator's text encoder is the toy CLIP's text tower, weight for weight."""
+    te = StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True).text_encoder.state_dict()
+    tower = toy_model.toy_text_encoder(TOY_CLIP_DIR).state_dict()
+    assert te.keys() == tower.keys() and all(torch.equal(te[k], tower[k]) for k in te)
+
+
 @pytest.mark.skipif(not (EVALUATOR_DIR / "attribute_net.safetensors").exists(), reason="toy evaluators not trained yet")
 def test_shipped_evaluators_read_fresh_renders():
     """On 200 renders never seen in training (seed 5), every identity/scene/style head is >= 95 % right."""
