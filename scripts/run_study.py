@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import nbformat
@@ -38,6 +40,13 @@ class CurrentInterpreterKernelManager(AsyncKernelManager):
     @default("transport")
     def _default_transport(self) -> str:
         return "tcp" if os.name == "nt" else "ipc"
+
+    def _ip_default(self) -> str:
+        # An IPC "address" is a path prefix for socket files. jupyter_client's default, "kernel-ipc" in the working
+        # folder, gave two kernels started at once in one folder the same sockets (the second never answered).
+        if self.transport == "ipc":
+            return os.path.join(tempfile.gettempdir(), f"portrait-studio-{uuid.uuid4().hex[:12]}-ipc")
+        return super()._ip_default()
 
     @property
     def kernel_spec(self) -> KernelSpec:

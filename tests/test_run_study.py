@@ -93,3 +93,20 @@ def test_only_selects_notebooks_and_model_and_seed_are_injected_only_when_given(
     with pytest.raises(SystemExit, match="No notebooks named like"):
         run_study.main(["--notebooks", str(tmp_path), "--out", str(out)])
     assert len(list(out.iterdir())) == 1  # no study folder for a study that could not start
+
+
+def test_two_notebooks_in_one_folder_run_at_once(tmp_path):
+    """Each kernel gets its own IPC sockets: two started together in one folder both answer (they used to collide
+    on ``kernel-ipc-*`` files in that folder, and the second timed out)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for name in ("01_a", "02_b"):
+        write_notebook(tmp_path / f"{name}.ipynb", 'from pathlib import Path\nPath(OUT_DIR, f"{SEED}.txt").write_text("ok")',
+                       parameters=False)
+    (tmp_path / "out").mkdir()
+    jobs = [(tmp_path / "01_a.ipynb", {"OUT_DIR": str(tmp_path / "out"), "SEED": 1}),
+            (tmp_path / "02_b.ipynb", {"OUT_DIR": str(tmp_path / "out"), "SEED": 2})]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: run_study.run_notebook(job[0], tmp_path / "out" / job[0].name, job[1]), jobs))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.txt")) == ["1.txt", "2.txt"]
+    assert not list(tmp_path.glob("kernel-ipc*"))
