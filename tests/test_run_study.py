@@ -110,3 +110,12 @@ def test_two_notebooks_in_one_folder_run_at_once(tmp_path):
         list(pool.map(lambda job: run_study.run_notebook(job[0], tmp_path / "out" / job[0].name, job[1]), jobs))
     assert sorted(p.name for p in (tmp_path / "out").glob("*.txt")) == ["1.txt", "2.txt"]
     assert not list(tmp_path.glob("kernel-ipc*"))
+
+
+def test_committed_notebooks_hold_their_own_parameters_only():
+    """Each notebook in notebooks/ has one ``parameters`` cell and no papermill ``injected-parameters`` cell: a
+    committed executed copy must not carry one run's QUICK and OUT_DIR into the next run (nbval, Colab, a reader)."""
+    for path in run_study.find_notebooks(REPO_ROOT / "notebooks"):
+        tags = [cell.metadata.get("tags", []) for cell in nbformat.read(path, as_version=4).cells]
+        assert sum("parameters" in t for t in tags) == 1, path.name
+        assert not any("injected-parameters" in t for t in tags), path.name
