@@ -240,15 +240,18 @@ def log_resources(run: Run, usage: Usage, artifact: str | Path, *, excluded_s: f
 
 def train_and_log(
     method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: TrainConfig, run: Run,
-    evaluator: CheckpointEvaluator, **extra,
+    evaluator: CheckpointEvaluator, callback: Callable | None = None, **extra,
 ) -> tuple[TrainResult, dict]:
     """``train`` into ``run`` with ``evaluator`` as its callback, measured by ``track``, then ``log_resources`` with
     the evaluator's time during training excluded, the final checkpoint's weights file as the artifact, ``steps``,
     ``trainable_params`` (every number the optimizer updates) and ``extra``. Returns (``train``'s result, the
-    logged costs)."""
+    logged costs).
+
+    ``callback``: what ``train`` calls instead of ``evaluator`` when the evaluator must run inside a context (such
+    as ``parametrize.cached()``); it must call ``evaluator``, whose time is the one excluded."""
     before = evaluator.seconds
     with track() as usage:
-        result = train(method, dataset, cfg, run, callbacks=[evaluator])
+        result = train(method, dataset, cfg, run, callbacks=[callback or evaluator])
     trainable = sum(p.numel() for p in method.trainable_parameters())
     costs = log_resources(run, usage, result.checkpoint / method.weights_name, excluded_s=evaluator.seconds - before,
                           steps=cfg.steps, trainable_params=trainable, **extra)

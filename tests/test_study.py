@@ -179,7 +179,9 @@ def test_log_resources_subtracts_evaluation_time(tmp_run_dir, tmp_path):
     assert {k: run.metrics[k] for k in values} == values
 
 
-def test_train_and_log_excludes_only_the_evaluation_during_training(tiny_ref, subject, tmp_run_dir):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_train_and_log_excludes_only_the_evaluation_during_training(tiny_ref, subject, tmp_run_dir, wrapped):
+    """Also when ``train`` calls a callback that wraps the evaluator (as notebook 04 does for SVDiff)."""
     pipe = build_tiny_pipeline(seed=0)  # its own: textual inversion adds a token
     method = TextualInversion(pipe, "<sks>", init_word="person")
     setup = eval_setup(tiny_ref, subject.path, seed=0, quick=True, names=("studio",))
@@ -189,7 +191,15 @@ def test_train_and_log_excludes_only_the_evaluation_during_training(tiny_ref, su
     before = evaluator.seconds
     dataset = with_placeholder(subject.pairs, subject.token, "<sks>")
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, checkpoint_every=1, resolution=32)
-    result, costs = train_and_log(method, dataset, cfg, run, evaluator, note="x")
+    wrapper_steps = []
+
+    def callback(step, method, run):
+        wrapper_steps.append(step)
+        evaluator(step, method, run)
+
+    result, costs = train_and_log(method, dataset, cfg, run, evaluator, callback=callback if wrapped else None,
+                                  note="x")
+    assert wrapper_steps == ([1, 2] if wrapped else [])
     assert sorted(evaluator.scores) == [0, 1, 2] and result.checkpoint.name == "step-2"
     assert costs["eval_s"] == round(evaluator.seconds - before, 1) and costs["train_s"] >= 0
     assert costs["artifact_bytes"] == (result.checkpoint / method.weights_name).stat().st_size
