@@ -6,8 +6,8 @@ its output exists, so an interrupted run resumes where it stopped:
 1. ``data``     render the pretraining set (identities without the held-out traits) at 64 px;
 2. ``vae``      train the KL autoencoder on random 32 px crops (it is fully convolutional);
 3. ``latents``  encode the set once with the frozen VAE;
-4. ``unet``     train the UNet under the frozen text tower of the toy CLIP (epsilon MSE, 10 % empty captions for
-                guidance, EMA), as SD1.5 trains under OpenAI's frozen CLIP;
+4. ``unet``     train the UNet under the frozen text tower of the toy CLIP (v-prediction MSE on a zero-terminal-SNR
+                schedule, 10 % empty captions for guidance, EMA), as SD1.5 trains under OpenAI's frozen CLIP;
 5. ``save``     write the ``StableDiffusionPipeline`` folder ``data/models/toy-sd`` (safetensors).
 
 The toy CLIP, the other toy evaluators and the toy subject are made first by ``scripts/train_toy_evaluators.py``.
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from nbutils import toy_model, toyworld
 from nbutils.clip_bpe import clip_tokenizer
 from nbutils.toy_evaluators import TOY_CLIP_DIR
+from nbutils.train import Batch, diffusion_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio")) / "toy-train"
@@ -163,6 +164,28 @@ def _load_unet_ckpt(path: Path, unet, ema_unet, opt) -> int:
     return meta["step"]
 
 
+def unet_recipe() -> dict:
+    """What a UNet checkpoint is valid for: the UNet's and the training noise schedule's configurations (as JSON)."""
+    configs = {"unet": toy_model.toy_unet().config, "schedule": toy_model.train_scheduler().config}
+    return json.loads(json.dumps({k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}))
+
+
+def _check_unet_recipe(work: Path) -> None:
+    """Record the recipe in ``work/unet-recipe.json``; refuse a folder whose UNet was trained under another one (a
+    checkpoint of another model or schedule would otherwise be resumed, or its final weights saved, silently)."""
+    path = work / "unet-recipe.json"
+    trained = any((work / name).exists() for name in ("unet-ckpt", "unet-final"))
+    if trained and (not path.exists() or json.loads(path.read_text()) != unet_recipe()):
+        raise RuntimeError(
+            f"The UNet in {work} was trained under another model or noise schedule than nbutils.toy_model's "
+            f"(recorded in {path.name}, or not recorded at all). Train into a new --work folder, or delete the "
+            "unet-ckpt, unet-final and unet-* files there to start the UNet stage over; the rendered data and the "
+            "autoencoder can stay."
+        )
+    if not path.exists():
+        path.write_text(json.dumps(unet_recipe(), indent=1))
+
+
 def stage_unet(work: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, ckpt_every: int = 200,
                stop_after: int | None = None, device: torch.device = torch.device("cpu"),
                clip: Path | None = TOY_CLIP_DIR) -> None:
@@ -171,6 +194,7 @@ def stage_unet(work: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, 
     ``clip``: the CLIP folder whose frozen text tower conditions the UNet (``None``: random, for tests).
     ``stop_after``: leave after that many steps with a checkpoint, as an interruption would (for tests).
     """
+    _check_unet_recipe(work)
     done = work / "unet-final"
     if done.exists():
         return
@@ -202,11 +226,9 @@ def stage_unet(work: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, 
         x0 = latents[idx.to(device)]
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g).to(device)
-        xt = noise_sched.add_noise(x0, noise, t)
         with torch.no_grad():
             states = te(ids.to(device))[0]
-        pred = unet(xt, t, states).sample
-        loss = F.mse_loss(pred, noise)
+        loss = diffusion_loss(unet, noise_sched, Batch(x0, captions, noise, t), states)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss.backward()

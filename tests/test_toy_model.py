@@ -51,6 +51,25 @@ def test_shipped_toy_model_loads_offline_and_is_small():
     assert len(pipe.tokenizer) == VOCAB_SIZE
 
 
+def test_toy_schedule_ends_at_pure_noise():
+    """Zero terminal SNR (no image left in the last training step) with v-prediction, and sampling from that step."""
+    train = toy_model.train_scheduler()
+    assert train.alphas_cumprod[-1] == 0 and train.alphas_cumprod[0] > 0.99
+    assert train.config.prediction_type == "v_prediction"
+    sample = toy_model.sample_scheduler()
+    assert torch.equal(sample.alphas_cumprod, train.alphas_cumprod)
+    sample.set_timesteps(25)
+    assert sample.timesteps[0] == 999
+
+
+@pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists(), reason="toy model not trained yet (make toy-model)")
+def test_shipped_toy_model_uses_the_toy_schedule():
+    shipped = StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True).scheduler.config
+    expected = toy_model.sample_scheduler().config
+    assert {k: v for k, v in shipped.items() if not k.startswith("_")} == {
+        k: v for k, v in expected.items() if not k.startswith("_")}
+
+
 @pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists() or not (TOY_CLIP_DIR / "config.json").exists(),
                     reason="toy model or toy CLIP not trained yet")
 def test_shipped_toy_model_conditions_on_the_toy_clips_frozen_text_tower():

@@ -57,11 +57,29 @@ def test_unet_stage_resumes_exactly(work, train_toy, tmp_path):
     assert not (resumed / "unet-final").exists()
     train_toy.stage_unet(resumed, steps=6, batch=4, seed=0, ckpt_every=2)
     assert sorted(p.name for p in resumed.iterdir() if p.name.startswith("unet")) == [
-        "unet-ckpt", "unet-final", "unet-loss.jsonl"]
+        "unet-ckpt", "unet-final", "unet-loss.jsonl", "unet-recipe.json"]
 
     a = load_file(straight / "unet-final" / "unet.safetensors")
     b = load_file(resumed / "unet-final" / "unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unet_stage_refuses_a_folder_trained_under_another_recipe(work, train_toy, tmp_path):
+    """A checkpoint of another model or noise schedule is never resumed (nor its final weights saved) silently."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(work, folder)
+    train_toy.stage_unet(folder, steps=2, batch=4, seed=0, ckpt_every=2, stop_after=1)
+    recipe = json.loads((folder / "unet-recipe.json").read_text())
+    assert recipe == train_toy.unet_recipe()
+    recipe["schedule"]["prediction_type"] = "epsilon"
+    (folder / "unet-recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(RuntimeError, match="new --work folder"):
+        train_toy.stage_unet(folder, steps=2, batch=4, seed=0, ckpt_every=2)
+    (folder / "unet-recipe.json").unlink()  # a folder from before recipes were recorded
+    with pytest.raises(RuntimeError, match="not recorded"):
+        train_toy.stage_unet(folder, steps=2, batch=4, seed=0, ckpt_every=2)
 
 
 def test_saved_folder_loads_with_plain_diffusers(work, train_toy, tmp_path):
