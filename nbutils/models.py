@@ -280,7 +280,7 @@ def build_tiny_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from nbutils.clip_bpe import VOCAB_SIZE, clip_tokenizer
-    from nbutils.toy_model import sample_scheduler
+    from nbutils.toy_model import sd15_scheduler
 
     tokenizer = clip_tokenizer()
     text_cfg = _SD15_TEXT_ENCODER if sd15_shape else _TINY_TEXT_ENCODER
@@ -305,7 +305,7 @@ def build_tiny_pipeline(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=sample_scheduler(),  # DDIM over SD1.5's betas, as the toy model ships
+        scheduler=sd15_scheduler(),  # DDIM over SD1.5's betas, epsilon prediction, as SD1.5 ships
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -69,14 +69,22 @@ def toy_unet() -> UNet2DConditionModel:
     )
 
 
+def sd15_scheduler() -> DDIMScheduler:
+    """SD1.5's own sampling scheduler: DDIM over its betas, epsilon prediction, "leading" timesteps. The tiny tier
+    and the SD1.5-shaped builds of ``nbutils.models`` use it; the toy model has its own (``sample_scheduler``)."""
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type="epsilon")
+
+
 def train_scheduler() -> DDPMScheduler:
     """The noise schedule used for training: SD1.5's scaled-linear betas rescaled to zero terminal SNR, predicting
     the velocity ``v`` (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
 
     SD1.5's own schedule keeps ``sqrt(alpha_bar) = 0.068`` of the image at its last step. On 16 x 16 latents that
-    leak is loud: a latent channel's spatial mean (which tells the scene) keeps an SNR near 1 at ``t = 999``, so a
-    model trained on it reads the scene from the starting noise and the prompt matters less. At zero terminal SNR
-    the last step is pure noise, as at sampling time, and only ``v`` (not the noise) is then a learnable target.
+    leak is loud: the channels' spatial means (which carry the scene) keep an amplitude SNR of 0.75 at ``t = 999``
+    (measured in notebook 00), so a model trained on it reads the scene from the starting noise and the prompt
+    matters less. At zero terminal SNR the last step is pure noise, as at sampling time, and only ``v`` (not the
+    noise) is then a learnable target.
     """
     return DDPMScheduler(**SD_BETAS, prediction_type="v_prediction", rescale_betas_zero_snr=True)
 

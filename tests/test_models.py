@@ -140,6 +140,14 @@ def test_tiny_pipeline_generates_deterministic_32px_images(tiny_pipe):
     assert np.abs(first - other).max() > 1e-3
 
 
+def test_tiny_pipeline_samples_like_sd15_not_like_the_toy_model(tiny_pipe):
+    """The tiny tier stands in for SD1.5 in tests: epsilon prediction on SD1.5's own schedule, not the toy model's
+    v-prediction on a zero-terminal-SNR one."""
+    config = tiny_pipe.scheduler.config
+    assert config.prediction_type == "epsilon" and not config.rescale_betas_zero_snr
+    assert tiny_pipe.scheduler.alphas_cumprod[-1] > 0
+
+
 def test_tiny_pipeline_weights_depend_only_on_the_seed(tiny_pipe):
     rng_state = torch.random.get_rng_state()
     same, other = build_tiny_pipeline(0), build_tiny_pipeline(1)
