@@ -90,7 +90,7 @@ def train_scheduler() -> DDPMScheduler:
 
 
 def sample_scheduler() -> DDIMScheduler:
-    """The scheduler shipped with the pipeline: DDIM over the training schedule, with "trailing" timesteps so that
-    sampling starts from the pure-noise step ``t = 999`` (the paper's fix for samplers)."""
-    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                         timestep_spacing="trailing", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    """The scheduler shipped with the pipeline: SD1.5's (``sd15_scheduler``) over the training schedule, with
+    "trailing" timesteps so that sampling starts from the pure-noise step ``t = 999`` (the paper's fix for samplers)."""
+    return DDIMScheduler.from_config(sd15_scheduler().config, timestep_spacing="trailing",
+                                     prediction_type="v_prediction", rescale_betas_zero_snr=True)

@@ -167,15 +167,16 @@ def _load_unet_ckpt(path: Path, unet, ema_unet, opt) -> int:
 def unet_recipe() -> dict:
     """What a UNet checkpoint is valid for: the UNet's and the training noise schedule's configurations (as JSON)."""
     configs = {"unet": toy_model.toy_unet().config, "schedule": toy_model.train_scheduler().config}
-    return json.loads(json.dumps({k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}))
+    public = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}
+    return json.loads(json.dumps(public))  # tuples become lists, as in the recorded file
 
 
 def _check_unet_recipe(work: Path) -> None:
     """Record the recipe in ``work/unet-recipe.json``; refuse a folder whose UNet was trained under another one (a
     checkpoint of another model or schedule would otherwise be resumed, or its final weights saved, silently)."""
-    path = work / "unet-recipe.json"
+    path, recipe = work / "unet-recipe.json", unet_recipe()
     trained = any((work / name).exists() for name in ("unet-ckpt", "unet-final"))
-    if trained and (not path.exists() or json.loads(path.read_text()) != unet_recipe()):
+    if trained and (not path.exists() or json.loads(path.read_text()) != recipe):
         raise RuntimeError(
             f"The UNet in {work} was trained under another model or noise schedule than nbutils.toy_model's "
             f"(recorded in {path.name}, or not recorded at all). Train into a new --work folder, or delete the "
@@ -183,7 +184,7 @@ def _check_unet_recipe(work: Path) -> None:
             "autoencoder can stay."
         )
     if not path.exists():
-        path.write_text(json.dumps(unet_recipe(), indent=1))
+        path.write_text(json.dumps(recipe, indent=1))
 
 
 def stage_unet(work: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, ckpt_every: int = 200,
