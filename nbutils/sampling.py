@@ -75,3 +75,15 @@ def _latent_shape(pipe: DiffusionPipeline, kwargs: dict) -> tuple[int, int, int]
     size = pipe.unet.config.sample_size * f
     height, width = kwargs.get("height") or size, kwargs.get("width") or size
     return pipe.unet.config.in_channels, height // f, width // f
+
+
+@torch.no_grad()
+def autoencode(pipe: DiffusionPipeline, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The autoencoder's round trip, no diffusion: each image resized to the pipeline's resolution, encoded to its
+    latent mean and decoded. Every image a method generates passes through this decoder, so the round trip's
+    identity score is the ceiling of every method's."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    x = pipe.image_processor.preprocess([im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+                                         for im in images]).to(pipe.vae.device, pipe.vae.dtype)
+    decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")

@@ -2,8 +2,10 @@
 
 The toy tier's base model is pretrained on this world, and the toy evaluators are trained on its ground truth.
 Every attribute has a few, very distinct values that stay large and keep their colour in every drawing style,
-so that a 64 px model can learn them from words. One hair colour (``purple``) and one mark (``star``) never appear
-in pretraining: they belong only to the held-out toy subject, so the base model cannot draw it from its description.
+so that a 64 px model can learn them from words. One hair colour (``purple``) and one mark (``star``) are *unnamed*:
+pretraining images show them on other people, but no pretraining caption names them (``UNNAMED``). Both toy subjects
+carry them, and neither subject's exact identity is ever drawn in pretraining, so the base model could render a
+subject but has no words for them, as Stable Diffusion 1.5 could draw a face like yours without knowing your name.
 
 Images are drawn at ``4 * size`` and downsampled with a Lanczos filter; ``render`` returns an RGB ``PIL.Image``
 of ``size x size`` pixels.
@@ -119,11 +121,21 @@ LABEL_SIZES = {
 }
 
 TOY_SUBJECT = Identity(face="oval", skin="tan", hair_colour="purple", hair_style="long", accessory="none", mark="star")
-"""The held-out identity that the notebooks personalise the toy model to."""
+"""The held-out identity that the notebooks personalise the toy model to (``data/subjects/toy``)."""
+TOY_VAL_SUBJECT = Identity(face="square", skin="pale", hair_colour="purple", hair_style="short", accessory="hat",
+                           mark="star")
+"""The validation subject (``data/subjects/toy-val``): every named trait differs from ``TOY_SUBJECT``'s, the two
+unnamed ones are shared, so recipes chosen on it face the same problem as on the reported subject."""
+SUBJECTS = {"toy": TOY_SUBJECT, "toy-val": TOY_VAL_SUBJECT}
+
+UNNAMED = {"hair_colour": "purple", "mark": "star"}
+"""Trait values drawn in pretraining images but never named in their captions."""
+UNNAMED_RATES = {"hair_colour": 0.1, "mark": 0.15}
+"""How often a pretraining identity carries each unnamed value (rare, so the base model seldom draws it unasked)."""
 
 
 def random_identity(rng: random.Random, *, held_out: bool = False) -> Identity:
-    """A random pretraining identity; ``held_out=True`` also draws the subject-only traits."""
+    """A random identity, every value uniform; ``held_out=False`` leaves out the ``UNNAMED`` values."""
     colours = tuple(HAIR_COLOURS) if held_out else PRETRAIN_HAIR_COLOURS
     return Identity(
         face=rng.choice(FACE_SHAPES),
@@ -157,10 +169,38 @@ def portraits(seed: int, n: int, *, identity: Identity | None = None, held_out: 
         yield random_portrait(rng, identity, held_out=held_out)
 
 
-def caption_variants(p: Portrait, rng: random.Random, drop: float = 0.3) -> str:
+def pretraining_identity(rng: random.Random) -> Identity:
+    """A random identity of the base model's pretraining set: the unnamed values at ``UNNAMED_RATES``, every other
+    value uniform, and never one of the ``SUBJECTS`` (drawn again until it is none of them)."""
+    while True:
+        ident = replace(
+            random_identity(rng),
+            hair_colour=UNNAMED["hair_colour"] if rng.random() < UNNAMED_RATES["hair_colour"]
+            else rng.choice(PRETRAIN_HAIR_COLOURS),
+            mark=UNNAMED["mark"] if rng.random() < UNNAMED_RATES["mark"] else "none",
+        )
+        if ident not in SUBJECTS.values():
+            return ident
+
+
+def pretraining_portraits(seed: int, n: int) -> Iterator[Portrait]:
+    """``n`` random portraits of ``pretraining_identity`` people, the same ones for the same ``seed``."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield random_portrait(rng, pretraining_identity(rng))
+
+
+def is_unnamed(field: str, value: str) -> bool:
+    """Whether a pretraining caption leaves ``field = value`` unsaid (``UNNAMED``)."""
+    return UNNAMED.get(field) == value
+
+
+def caption_variants(p: Portrait, rng: random.Random, drop: float = 0.3, *, name_unnamed: bool = True) -> str:
     """The caption with each optional phrase dropped with probability ``drop``, so that short prompts work too.
 
     The style phrase and "a person" are always kept: ``'a photo of a person, in a forest'`` is a valid caption.
+    ``name_unnamed=False`` (the base model's pretraining captions) leaves the ``UNNAMED`` values unsaid: purple long
+    hair is captioned "long hair", a star mark not at all; the random draws stay the same either way.
     """
     ident = p.identity
     parts = []
@@ -169,11 +209,13 @@ def caption_variants(p: Portrait, rng: random.Random, drop: float = 0.3) -> str:
     if rng.random() > drop:
         parts.append(f"{ident.skin} skin")
     if rng.random() > drop:
-        parts.append(f"{ident.hair_colour} {ident.hair_style} hair")
+        said = name_unnamed or not is_unnamed("hair_colour", ident.hair_colour)
+        parts.append(f"{ident.hair_colour} {ident.hair_style} hair" if said else f"{ident.hair_style} hair")
     head = f"{STYLE_PHRASES[p.style]} of a person"
     if parts:
         head += " with " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
-    tail = [ACCESSORY_PHRASES[ident.accessory], MARK_PHRASES[ident.mark]]
+    mark = MARK_PHRASES[ident.mark] if name_unnamed or not is_unnamed("mark", ident.mark) else ""
+    tail = [ACCESSORY_PHRASES[ident.accessory], mark]
     tail += [p.expression if rng.random() > drop else "", SCENE_PHRASES[p.scene] if rng.random() > drop else ""]
     return ", ".join([head, *[t for t in tail if t and rng.random() > drop / 2]])
 

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import asdict
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -45,11 +46,26 @@ def _render(p: toyworld.Portrait) -> np.ndarray:
     return np.asarray(toyworld.render(p, toy_model.RESOLUTION))
 
 
+def world_recipe() -> dict:
+    """What the pretraining renders depend on besides the seed: the unnamed trait values and how often they appear."""
+    return {"unnamed": toyworld.UNNAMED, "unnamed_rates": toyworld.UNNAMED_RATES, "subjects": {
+        name: asdict(ident) for name, ident in toyworld.SUBJECTS.items()}}
+
+
 def stage_data(work: Path, n: int, seed: int) -> None:
-    """Render ``n`` pretraining portraits: ``images.npy`` (n, 64, 64, 3) uint8 and ``portraits.json``."""
+    """Render ``n`` pretraining portraits (``toyworld.pretraining_portraits``: the unnamed traits on other people,
+    never a subject): ``images.npy`` (n, 64, 64, 3) uint8 and ``portraits.json``."""
+    world = work / "world.json"
     if (work / "images.npy").exists():
+        if not world.exists() or json.loads(world.read_text()) != world_recipe():
+            raise RuntimeError(
+                f"The renders in {work} were drawn from another version of the pretraining world than "
+                f"nbutils.toyworld's (recorded in {world.name}, or not recorded at all). Train into a new --work "
+                "folder, or delete that folder's contents to start over."
+            )
         return
-    ps = list(toyworld.portraits(seed, n))
+    world.write_text(json.dumps(world_recipe(), indent=1))
+    ps = list(toyworld.pretraining_portraits(seed, n))
     with Pool(os.cpu_count()) as pool:
         imgs = list(tqdm(pool.imap(_render, ps, chunksize=64), total=n, desc="render"))
     np.save(work / "images.tmp.npy", np.stack(imgs))
@@ -72,13 +88,28 @@ def _to_tensor(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def colour_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Colours outside the world's palette for ``(B, 3, H, W)`` in [-1, 1]: half the images get their RGB channels
+    permuted, every image a random gain of 0.75-1.25 per channel, so the autoencoder learns a general colour code
+    instead of the palette's few values (and reconstructs hair and marks it rarely or never saw)."""
+    b = len(x)
+    perms = torch.stack([torch.randperm(3, generator=g) for _ in range(b)])
+    keep = torch.rand(b, generator=g) < 0.5
+    perms[keep] = torch.arange(3)
+    x = x.gather(1, perms[:, :, None, None].expand_as(x).to(x.device))
+    gain = (0.75 + 0.5 * torch.rand(b, 3, 1, 1, generator=g)).to(x.device)
+    return ((x + 1) * gain - 1).clamp(-1, 1)
+
+
 def stage_vae(work: Path, steps: int, batch: int, seed: int, device: torch.device) -> None:
-    """Train the VAE (MSE + L1 + 1e-6 KL) on random 32 px crops; report full-image PSNR on held-out renders."""
+    """Train the VAE (MSE + L1 + 1e-6 KL) on random 32 px crops with ``colour_jitter``; report full-image PSNR on
+    held-out renders."""
     out = work / "vae.safetensors"
     if out.exists():
         return
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
     images = np.load(work / "images.npy", mmap_mode="r")
     vae = toy_model.toy_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -87,7 +118,7 @@ def stage_vae(work: Path, steps: int, batch: int, seed: int, device: torch.devic
     for _ in bar:
         idx = np.sort(rng.choice(len(images) - 256, batch, replace=False))
         y, x = rng.integers(0, 64 - 32 + 1, 2)
-        crop = _to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32])).to(device)
+        crop = colour_jitter(_to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32])).to(device), g)
         post = vae.encode(crop).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, crop) + F.l1_loss(rec, crop) + 1e-6 * post.kl().mean()
@@ -168,7 +199,7 @@ def unet_recipe() -> dict:
     """What a UNet checkpoint is valid for: the UNet's and the training noise schedule's configurations (as JSON)."""
     configs = {"unet": toy_model.toy_unet().config, "schedule": toy_model.train_scheduler().config}
     public = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}
-    return json.loads(json.dumps(public))  # tuples become lists, as in the recorded file
+    return json.loads(json.dumps(public | {"world": world_recipe()}))  # tuples become lists, as in the recorded file
 
 
 def _check_unet_recipe(work: Path) -> None:
@@ -222,7 +253,8 @@ def stage_unet(work: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, 
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the batch of step k is the same after a resume
         rng = random.Random(seed * 1_000_003 + step)
         idx = torch.randint(0, len(latents), (batch,), generator=g)
-        captions = ["" if rng.random() < 0.1 else toyworld.caption_variants(portraits[i], rng) for i in idx.tolist()]
+        captions = ["" if rng.random() < 0.1 else toyworld.caption_variants(portraits[i], rng, name_unnamed=False)
+                    for i in idx.tolist()]
         ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         x0 = latents[idx.to(device)]
         noise = torch.randn(x0.shape, generator=g).to(device)
@@ -283,9 +315,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=REPO / "data" / "models" / "toy-sd")
     ap.add_argument("--images", type=int, default=12000)
-    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet")
     ap.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,8 @@
 2. ``attributes`` train ``ToyAttributeNet`` (identity traits, expression, scene, style), with blur and noise so it
                   also reads the softer images a diffusion model draws;
 3. ``clip``       train a small ``transformers.CLIPModel`` contrastively on the captions -> ``data/models/toy-clip``;
-4. ``subject``    render the toy subject's 5 training photos (256 px) into ``data/subjects/toy``;
+4. ``subject``    render each toy subject's 5 training photos (256 px) into ``data/subjects/<name>``
+                  (``toyworld.SUBJECTS``: ``toy``, the notebooks' default, and ``toy-val``, for choosing recipes);
 5. ``report``     accuracies on fresh renders -> ``data/models/toy-evaluators/accuracy.json``.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ from train_toy import replace_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio")) / "toy-train"
-SUBJECT_DIR = REPO / "data" / "subjects" / "toy"
+SUBJECTS_DIR = REPO / "data" / "subjects"
+SUBJECT_SEEDS = {"toy": 7, "toy-val": 8}
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
@@ -132,17 +134,17 @@ def save_clip(model: CLIPModel, out: Path) -> None:
     replace_dir(tmp, out)
 
 
-def render_subject(out: Path, seed: int) -> list[toyworld.Portrait]:
-    """The toy subject's 5 training photos: photo style, varied poses, expressions and scenes, 256 px."""
+def render_subject(out: Path, seed: int, identity: toyworld.Identity) -> list[toyworld.Portrait]:
+    """A subject's 5 training photos: photo style, varied poses, expressions and scenes, 256 px."""
     rng = random.Random(seed)
     shots = []
     for scene in ("studio", "beach", "forest", "city", "night"):
-        p = toyworld.random_portrait(rng, toyworld.TOY_SUBJECT)
+        p = toyworld.random_portrait(rng, identity)
         shots.append(toyworld.with_fields(p, scene=scene, style="photo"))
     out.mkdir(parents=True, exist_ok=True)
     for k, p in enumerate(shots, 1):
         toyworld.render(p, 256).save(out / f"{k:02d}.png")
-    meta = {"identity": asdict(toyworld.TOY_SUBJECT), "description": toyworld.TOY_SUBJECT.describe(),
+    meta = {"identity": asdict(identity), "description": identity.describe(),
             "photos": [toyworld.to_dict(p) for p in shots]}
     (out / "subject.json").write_text(json.dumps(meta, indent=2))
     return shots
@@ -181,7 +183,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--evaluators-out", type=Path, default=EVALUATOR_DIR)
     ap.add_argument("--clip-out", type=Path, default=TOY_CLIP_DIR)
-    ap.add_argument("--subject-out", type=Path, default=SUBJECT_DIR)
+    ap.add_argument("--subjects-out", type=Path, default=SUBJECTS_DIR)
     ap.add_argument("--report-renders", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads; 1 is much faster when other jobs share the cores")
@@ -189,16 +191,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    cache = args.work / "eval-images.npy"
-    if not cache.exists():
-        images, ps = render_set(args.seed, args.images)
-        (args.work / "eval-portraits.json").write_text(json.dumps([toyworld.to_dict(p) for p in ps]))
-        np.save(args.work / "eval-images.tmp.npy", images)
-        os.replace(args.work / "eval-images.tmp.npy", cache)
-    images = np.load(cache)
-    ps = list(toyworld.portraits(args.seed, args.images, held_out=True))
-    print(f"data: {time.time() - t0:.0f} s", flush=True)
     weights = args.evaluators_out / "attribute_net.safetensors"
+    if not weights.exists() or not (args.clip_out / "config.json").exists():
+        cache = args.work / "eval-images.npy"
+        if not cache.exists():
+            images, ps = render_set(args.seed, args.images)
+            (args.work / "eval-portraits.json").write_text(json.dumps([toyworld.to_dict(p) for p in ps]))
+            np.save(args.work / "eval-images.tmp.npy", images)
+            os.replace(args.work / "eval-images.tmp.npy", cache)
+        images = np.load(cache)
+        ps = list(toyworld.portraits(args.seed, args.images, held_out=True))
+        print(f"data: {time.time() - t0:.0f} s", flush=True)
     if not weights.exists():
         net = train_attributes(images, _labels(ps), args.attr_steps, args.seed)
         args.evaluators_out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +211,8 @@ def main() -> None:
     if not (args.clip_out / "config.json").exists():
         save_clip(train_clip(images, ps, args.clip_steps, args.seed), args.clip_out)
     print(f"clip: {time.time() - t0:.0f} s", flush=True)
-    render_subject(args.subject_out, seed=7)
+    for name, identity in toyworld.SUBJECTS.items():
+        render_subject(args.subjects_out / name, SUBJECT_SEEDS[name], identity)
     result = report(2, args.report_renders, args.evaluators_out, args.clip_out) | {"train_seconds": round(time.time() - t0)}
     (args.evaluators_out / "accuracy.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

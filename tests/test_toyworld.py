@@ -20,11 +20,36 @@ def test_render_size_and_mode():
     assert img.size == (64, 64) and img.mode == "RGB"
 
 
-def test_pretraining_never_shows_held_out_traits():
+def test_portraits_show_the_unnamed_traits_only_when_asked():
     ps = list(tw.portraits(0, 2000))
     assert not any(p.identity.hair_colour == "purple" or p.identity.mark == "star" for p in ps)
     held = list(tw.portraits(0, 2000, held_out=True))
     assert any(p.identity.hair_colour == "purple" for p in held) and any(p.identity.mark == "star" for p in held)
+
+
+def test_pretraining_shows_unnamed_traits_on_other_people_only():
+    """The base model's pretraining draws purple hair and the star at their rates, but never a subject's identity."""
+    ps = list(tw.pretraining_portraits(0, 4000))
+    purple = np.mean([p.identity.hair_colour == "purple" for p in ps])
+    star = np.mean([p.identity.mark == "star" for p in ps])
+    assert abs(purple - tw.UNNAMED_RATES["hair_colour"]) < 0.02 and abs(star - tw.UNNAMED_RATES["mark"]) < 0.02
+    assert not any(p.identity in tw.SUBJECTS.values() for p in ps)
+
+
+def test_pretraining_captions_never_name_the_unnamed_traits():
+    p = tw.Portrait(tw.TOY_SUBJECT, expression="smiling", scene="beach")
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    unnamed = [tw.caption_variants(p, rng_a, drop=0.0, name_unnamed=False) for _ in range(20)]
+    named = [tw.caption_variants(p, rng_b, drop=0.0) for _ in range(20)]
+    assert not any("purple" in c or "star" in c for c in unnamed)
+    assert all("long hair" in c and "oval face" in c for c in unnamed)
+    assert all("purple long hair" in c and "star on the cheek" in c for c in named)
+
+
+def test_validation_subject_differs_in_every_named_trait():
+    a, b = tw.TOY_SUBJECT, tw.TOY_VAL_SUBJECT
+    for field in tw.IDENTITY_FIELDS:
+        assert (getattr(a, field) == getattr(b, field)) == (field in tw.UNNAMED), field
 
 
 def test_caption_names_every_attribute():
