@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 from skimage import transform
@@ -27,6 +28,9 @@ from tqdm.auto import tqdm
 from nbutils.photos import Photo
 from nbutils.runs import latest_run
 from nbutils.viz import image_grid
+
+if TYPE_CHECKING:
+    from nbutils.metrics import IdentityEmbedder
 
 DEFAULT_TEMPLATES = (
     "a photo of {token} person",
@@ -178,6 +182,30 @@ def preview_grid(images: Sequence[Image.Image], cfg: AugmentConfig, n: int = 4, 
     rows = [[img, *(augment(img, cfg, rng) for _ in range(n))] for img in images]
     return image_grid(rows, row_labels=row_labels, col_labels=["original", *(f"variant {i + 1}" for i in range(n))],
                       title=f"Augmentations (seed {seed})")
+
+
+TOGGLES = ("hflip", "colour_jitter", "scale_crop", "rotation", "background")
+"""The ``AugmentConfig`` switches, one per augmentation."""
+
+
+def augmentation_identity(images: Sequence[Image.Image], cfg: AugmentConfig, embedder: IdentityEmbedder, *,
+                          n: int = 4, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Does each augmentation keep *who* it is? For every augmentation alone (at ``cfg``'s strengths) and for
+    ``cfg`` as it is (``"as configured"``): ``n`` copies of each image, and the cosine of each copy's identity
+    embedding to its own image's (0 where the embedder finds no face in the copy).
+
+    Returns ``{name: {"mean", "min"}}`` over the ``len(images) * n`` copies.
+    """
+    ref, _ = embedder.embed(images)
+    configs = {name: replace(cfg, **{t: t == name for t in TOGGLES}) for name in TOGGLES}
+    out = {}
+    for name, trial in (configs | {"as configured": cfg}).items():
+        rng = np.random.default_rng(seed)
+        copies = [augment(img, trial, rng) for img in images for _ in range(n)]
+        emb, found = embedder.embed(copies)
+        cos = torch.where(found, (emb * ref.repeat_interleave(n, dim=0)).sum(-1), 0.0)
+        out[name] = {"mean": cos.mean().item(), "min": cos.min().item()}
+    return out
 
 
 def _check_token_and_templates(token: str, templates: Sequence[str]) -> None:

@@ -346,6 +346,18 @@ def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
     raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
 
 
+def identity_embedder_for_tier(tier: Tier) -> IdentityEmbedder:
+    """Only the identity embedder of ``suite_for_tier(tier)`` (dlib faces, or the toy identity embedder), without
+    loading CLIP: for checks that need no other score (e.g. whether an augmentation keeps who it is)."""
+    if tier == "real":
+        return DlibFaceEmbedder()
+    if tier in ("toy", "tiny"):
+        from nbutils.toy_evaluators import load_toy_evaluators
+
+        return load_toy_evaluators().identity
+    raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
+
+
 def _optional_clip(model_ref: str | Path, device: str | torch.device) -> ClipScorer | None:
     try:
         return ClipScorer(model_ref, device)

@@ -27,6 +27,8 @@ PUT_PHOTOS_HINT = (
 )
 TOY_SUBJECT_DIR = REPO_ROOT / "data" / "subjects" / "toy"
 """The drawn toy-world subject (5 PNGs) that the toy and tiny tiers use when the student has no photos."""
+TOY_SUBJECTS_DIR = TOY_SUBJECT_DIR.parent
+"""Every drawn toy-world subject: ``toy`` and the validation subject ``toy-val`` (``toyworld.SUBJECTS``)."""
 _HASH_SIDE = 16
 _NEAR_HASH_BITS = 18  # dHash bits (of 256) two near-duplicates may differ in (a resized JPEG copy: ~12)
 _NEAR_MEAN_DIFF = 8.0  # and mean absolute difference of their 16x16 RGB thumbnails, in 0-255 levels
@@ -93,6 +95,12 @@ def subject_folder(subject_dir: str | Path, tier: str, *, root: Path = REPO_ROOT
     if tier == "real":
         return None
     raise ValueError(f"unknown model tier {tier!r}; expected 'real', 'toy' or 'tiny'")
+
+
+def is_drawn_subject(folder: Path | None) -> bool:
+    """Whether ``folder`` holds one of the drawn toy-world subjects (``data/subjects/<name>``), not photos: a face
+    detector finds no face in them, and their star mark is one-sided (a mirror image moves it to the other cheek)."""
+    return folder is not None and folder.resolve().parent == TOY_SUBJECTS_DIR.resolve()
 
 
 def load_photos(folder: str | Path, *, min_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> PhotoReport:

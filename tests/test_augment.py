@@ -17,6 +17,7 @@ from nbutils.augment import (
     Augmentation,
     apply_augmentation,
     augment,
+    augmentation_identity,
     caption_for,
     dataset_captions,
     find_prepared_dataset,
@@ -26,9 +27,11 @@ from nbutils.augment import (
     subject_mask,
     write_prepared_dataset,
 )
-from nbutils.photos import Photo
+from nbutils.faces import crop_subjects
+from nbutils.photos import TOY_SUBJECTS_DIR, Photo, is_drawn_subject, load_photos
 from nbutils.runs import new_run
-from nbutils.toyworld import TOY_SUBJECT, portraits, render
+from nbutils.toy_evaluators import EVALUATOR_DIR, load_toy_evaluators
+from nbutils.toyworld import SUBJECTS, TOY_SUBJECT, portraits, render
 
 OFF = AugmentConfig(hflip=False, colour_jitter=False, scale_crop=False, rotation=False, background=False)
 
@@ -244,3 +247,22 @@ def test_find_prepared_dataset_uses_the_latest_run_of_notebook_01(tmp_path):
         find_prepared_dataset(tmp_path)
     run = new_run("01_dataset", {"SEED": 0}, out_dir=tmp_path)
     assert find_prepared_dataset(tmp_path) == run.path / "artifacts" / "dataset"
+
+
+def test_drawn_subjects_are_told_apart_from_photo_folders(tmp_path):
+    assert all(is_drawn_subject(TOY_SUBJECTS_DIR / name) for name in SUBJECTS)
+    assert not is_drawn_subject(tmp_path) and not is_drawn_subject(None)
+
+
+@pytest.mark.skipif(not (EVALUATOR_DIR / "attribute_net.safetensors").exists(), reason="toy evaluators not trained")
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_toy_augmentations_keep_the_identity_and_the_mirror_image_does_not(name):
+    """Notebook 01's defaults for a drawn subject (no mirror image) keep identity >= 0.95 on every augmentation alone
+    and together; the mirror image, which moves the star to the other cheek, is measurably worse."""
+    photos = load_photos(TOY_SUBJECTS_DIR / name, min_side=64).kept
+    crops = [o.crop for o in crop_subjects(photos, 64, "face", detect=False).outcomes]
+    scores = augmentation_identity(crops, AugmentConfig(hflip=False), load_toy_evaluators().identity, n=8)
+    assert set(scores) == {"hflip", "colour_jitter", "scale_crop", "rotation", "background", "as configured"}
+    for augmentation in ("colour_jitter", "scale_crop", "rotation", "as configured"):
+        assert scores[augmentation]["mean"] >= 0.95, augmentation
+    assert scores["hflip"]["mean"] < scores["as configured"]["mean"] - 0.02
