@@ -146,6 +146,16 @@ def identity_similarity(
     return _identity_scores(gen, gen_found, ref, ref_found, no_face)
 
 
+def psnr_db(images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
+    """Peak signal-to-noise ratio in dB of ``images`` against same-sized ``references`` (8-bit RGB), over all pixels
+    of all pairs at once: ``10 log10(1 / MSE)`` with pixel values in [0, 1]."""
+    if len(images) != len(references) or not images:
+        raise ValueError(f"psnr_db needs pairs: got {len(images)} images and {len(references)} references")
+    a = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) for im in images]) / 255
+    b = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) for im in references]) / 255
+    return float(10 * np.log10(1 / np.mean((a - b) ** 2)))
+
+
 # --------------------------------------------------------------------------------------------------- CLIP
 class ClipScorer:
     """CLIP-T and CLIP-I with any ``CLIPModel``, by hub id or local folder (loaded once, kept on ``device``).

@@ -322,3 +322,10 @@ def test_toy_prompts_use_only_toy_caption_words():
         assert words(prompt.template) <= vocabulary, (prompt.name, words(prompt.template) - vocabulary)
     van_gogh = next(p for p in PROMPT_SETS["real"] if p.name == "van_gogh")
     assert not words(van_gogh.template) <= vocabulary  # the check can fail
+
+
+def test_psnr_is_ten_log10_of_one_over_the_mse():
+    black, grey = Image.new("RGB", (4, 4), (0, 0, 0)), Image.new("RGB", (4, 4), (51, 51, 51))  # 51/255 = 0.2
+    assert metrics.psnr_db([grey], [black]) == pytest.approx(10 * np.log10(1 / 0.04))
+    with pytest.raises(ValueError, match="pairs"):
+        metrics.psnr_db([grey], [])
