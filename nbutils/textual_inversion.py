@@ -19,11 +19,13 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file
 from torch.func import functional_call
 
 from nbutils.train import Method, TrainConfig, config_for_tier
 
 WEIGHTS_NAME = "learned_embeds.safetensors"
+A1111_KEY = "emb_params"  # the one tensor of an A1111 / kohya safetensors embedding (nbutils.exports)
 
 
 def check_placeholder(tokenizer, placeholder: str) -> None:
@@ -170,14 +172,30 @@ class TextualInversion(Method):
 
 
 def load_textual_inversion(pipe: StableDiffusionPipeline, path: str | Path, token: str | None = None) -> None:
-    """``pipe.load_textual_inversion`` from a checkpoint folder or a ``.safetensors`` file, never unpickling.
+    """``pipe.load_textual_inversion`` from a checkpoint folder or a ``.safetensors`` file, never unpickling: diffusers'
+    ``{placeholder: (N, D)}`` or A1111's ``{"emb_params": (N, D)}`` (``nbutils.exports.export_ti_a1111``).
 
-    Afterwards prompts with the placeholder (``token``, default: the one stored in the file) use the learned rows.
+    Afterwards prompts with the placeholder (``token``, default: the one stored in the file; A1111's files store
+    none, so pass it) use the learned rows. ``ValueError`` (``pipe`` unchanged) if the vectors' width D is not the
+    text encoder's embedding width, or for an A1111 file without ``token``.
     """
     path = Path(path)
-    if not (path.is_file() or (path / WEIGHTS_NAME).is_file()):
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
         raise FileNotFoundError(f"No {WEIGHTS_NAME} at {path}: pass a checkpoint folder of a textual-inversion run.")
-    pipe.load_textual_inversion(str(path), token=token, use_safetensors=True)
+    state = load_file(file)
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    for name, vectors in state.items():
+        if vectors.shape[-1] != width:
+            raise ValueError(
+                f"{file} holds {name!r} of shape {tuple(vectors.shape)}: vectors {vectors.shape[-1]} numbers wide, but "
+                f"this model's text encoder takes token embeddings {width} wide (SD1.5: 768), so it was learned on "
+                "another model. Load the model it was learned on, or learn the embedding on this one."
+            )
+    if token is None and list(state) == [A1111_KEY]:
+        raise ValueError(f"{file} is an A1111 embedding, which names no placeholder (A1111 uses the file name): "
+                         "pass token=, e.g. token='<sks>'.")
+    pipe.load_textual_inversion(state, token=token)
 
 
 def default_config(tier: str, quick: bool = False) -> TrainConfig:
