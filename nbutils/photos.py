@@ -130,7 +130,7 @@ def load_photos(folder: str | Path, *, min_side: int = 256, max_pixels: int = DE
             kind = path.suffix or "no extension"
             skipped.append(Rejected(path, f"not a photo ({kind}): only jpg, jpeg, png and webp files are read"))
         else:
-            image, reason = _decode(path.read_bytes(), min_side, max_pixels)
+            image, reason = read_photo(path, min_side=min_side, max_pixels=max_pixels)
             decoded.append((path, image, _read_caption(path), reason))
     report = _check(decoded)
     report.skipped = skipped
@@ -152,6 +152,12 @@ def photos_from_images(images: Sequence[Image.Image], names: Sequence[str], *, m
     if not report.kept:
         _raise_nothing_usable("the given images", report, min_side)
     return report
+
+
+def read_photo(path: Path, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | None, str]:
+    """One image file through ``load_photos``'s checks, the file only read: ``(image, "")`` with ``image`` upright
+    8-bit RGB of at most ``max_pixels`` pixels, or ``(None, reason)`` where the reason says what to do."""
+    return _decode(Path(path).read_bytes(), min_side, max_pixels)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,0 +1,279 @@
+"""Neural style transfer (Gatys, Ecker & Bethge, CVPR 2016): optimise an image's pixels so that its VGG-19 features
+match a content image at one layer and the Gram matrices of a style image at several.
+
+The VGG-19 feature stack is torchvision's ``vgg19().features`` layout, written in plain torch, so its published
+weights (``vgg19-dcbe5a78.pth``) load into it unchanged. Without them a seeded random network stands in: random
+conv nets also capture texture (Ustyuzhaninov et al. 2017; He, Wang & Hopcroft 2016).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from nbutils.photos import DEFAULT_MAX_PIXELS, read_photo, to_rgb
+from nbutils.runs import REPO_ROOT
+
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbe5a78.pth"
+VGG19_DIR = REPO_ROOT / "data" / "models" / "vgg19"
+"""Where the published VGG-19 weights go (git-ignored, as every other folder under ``data/models/``)."""
+VGG19_FILE = VGG19_DIR / "vgg19-dcbe5a78.pth"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_BLOCKS = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))  # (channels, conv layers) of each block, then a pool
+
+
+def _layer_names() -> list[str]:
+    names = []
+    for block, (_, convs) in enumerate(_BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+        names.append(f"pool{block}")
+    return names
+
+
+VGG19_LAYERS = {name: index for index, name in enumerate(_layer_names())}
+"""Conventional layer name -> index in the feature stack: ``conv1_1`` 0, ``relu1_1`` 1, ..., ``pool5`` 36.
+
+Gatys et al. name layers as Caffe does, where ``conv4_2`` holds the rectified response: that is ``relu4_2`` here."""
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+"""The paper's style layers (equally weighted); its content layer is ``relu4_2``."""
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` features -> ``(B, C, C)`` Gram matrices ``F F^T / (C * H * W)``, with ``F`` the ``(C, H*W)``
+    feature map: the channels' mean product over positions, divided by ``C``, so it does not grow with image size."""
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w)
+    return flat @ flat.transpose(1, 2) / (c * h * w)
+
+
+def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of one layer's features, both ``(B, C, H, W)``; a scalar tensor."""
+    return F.mse_loss(features, target)
+
+
+def style_loss(features: Mapping[str, torch.Tensor], target_grams: Mapping[str, torch.Tensor],
+               weights: Mapping[str, float]) -> torch.Tensor:
+    """``sum over layers l in weights of weights[l] * MSE(gram_matrix(features[l]), target_grams[l])``; a scalar.
+
+    ``features[l]`` is ``(B, C, H, W)`` and ``target_grams[l]`` ``(B, C, C)``; other layers of ``features`` are unused.
+    """
+    return sum(w * F.mse_loss(gram_matrix(features[layer]), target_grams[layer]) for layer, w in weights.items())
+
+
+def vgg19_features(weights: Path | str | None, *, device: str | torch.device = "cpu", seed: int = 0) -> nn.Sequential:
+    """VGG-19's convolutional stack: ``(B, 3, H, W)`` ImageNet-normalised -> ``(B, 512, H/32, W/32)``, frozen, eval.
+
+    Modules 0-36 as torchvision's ``vgg19().features`` (3x3 convs with padding 1, ReLUs, 2x2 max pools; the ReLUs are
+    not in-place, so conv outputs can be read), names in ``VGG19_LAYERS``. ``weights`` is a ``.safetensors`` file
+    or torchvision's ``vgg19-dcbe5a78.pth`` (read with ``torch.load(weights_only=True)``, which unpickles tensors
+    only); of either, the ``features.N.weight`` / ``features.N.bias`` tensors load strictly, the classifier is
+    ignored. ``weights=None`` draws seeded random weights instead (Kaiming-normal for ReLU, zero biases).
+    On ``device="meta"`` the network has shapes only: nothing is read or drawn. float32.
+    """
+    with torch.device("meta"):
+        net = _vgg19_layout()
+    if torch.device(device).type == "meta":
+        return net.requires_grad_(False).eval()
+    net = net.to_empty(device="cpu")
+    if weights is None:
+        generator = torch.Generator().manual_seed(seed)
+        for conv in (m for m in net if isinstance(m, nn.Conv2d)):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=generator)
+            nn.init.zeros_(conv.bias)
+    else:
+        net.load_state_dict(_read_features(Path(weights)), strict=True)
+    return net.to(device).requires_grad_(False).eval()
+
+
+def _vgg19_layout() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for channels, convs in _BLOCKS:
+        for _ in range(convs):
+            layers += [nn.Conv2d(in_channels, channels, kernel_size=3, padding=1), nn.ReLU()]
+            in_channels = channels
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+def _read_features(path: Path) -> dict[str, torch.Tensor]:
+    """The ``features.N.*`` tensors of a weights file, keyed ``N.*`` as in ``_vgg19_layout``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No VGG-19 weights at {path}: download torchvision's vgg19-dcbe5a78.pth from "
+                                f"{VGG19_URL} into {VGG19_DIR}/ (git-ignored) and pass its path, or pass "
+                                "weights=None for seeded random weights.")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as file:
+            state = {k: file.get_tensor(k) for k in file.keys() if k.startswith("features.")}
+    elif path.suffix in (".pth", ".pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path.name}: expected a .safetensors file or torchvision's vgg19-dcbe5a78.pth")
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    if not features:
+        raise ValueError(f"{path} holds no 'features.N.weight' tensors: expected torchvision's VGG-19 state dict "
+                         "(vgg19-dcbe5a78.pth) or a safetensors copy of it")
+    return features
+
+
+def extract(net: nn.Sequential, image: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Features of ``image`` at the named layers (``VGG19_LAYERS``): ``{name: (B, C, H', W')}`` in network order.
+
+    ``image`` is ``(B, 3, H, W)`` RGB in [0, 1] on the net's device; it is normalised with ImageNet's mean and std
+    here. The net runs only as far as the deepest layer asked for.
+    """
+    wanted: dict[int, str] = {}
+    for name in layers:
+        if name not in VGG19_LAYERS:
+            raise ValueError(f"unknown VGG-19 layer {name!r}: use conv1_1 ... relu5_4 or pool1 ... pool5")
+        wanted[VGG19_LAYERS[name]] = name
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    x = (image - mean) / std
+    out = {}
+    for index, module in enumerate(net[: max(wanted) + 1]):
+        x = module(x)
+        if index in wanted:
+            out[wanted[index]] = x
+    return out
+
+
+def stylise(
+    content: Image.Image,
+    style: Image.Image,
+    net: nn.Sequential,
+    *,
+    content_layer: str = "relu4_2",
+    style_layers: tuple[str, ...] = STYLE_LAYERS,
+    content_weight: float = 1.0,
+    style_weight: float = 1e6,
+    steps: int = 300,
+    optimizer: str = "lbfgs",
+    lr: float | None = None,
+    seed: int = 0,
+    init: str = "content",
+    progress: bool = True,
+) -> tuple[Image.Image, dict[str, list[float]]]:
+    """Paint ``content`` in the manner of ``style``: the image's pixels are the only parameter.
+
+    Minimises ``content_weight * content_loss`` at ``content_layer`` plus ``style_weight * style_loss`` over
+    ``style_layers`` (equal weights summing to 1) with ``optimizer`` "lbfgs" (``torch.optim.LBFGS``: one iteration
+    per step with a strong-Wolfe line search, 2-3 loss evaluations; ``lr`` default 1.0) or "adam" (one evaluation
+    per step; ``lr`` default 0.05, in pixel units of [0, 1]); pixels are clamped to [0, 1] after each step. It
+    starts from the content image (``init="content"``) or from uniform noise drawn with ``seed``
+    (``init="noise"``); the same arguments give the same pixels.
+
+    Returns the RGB image at ``content``'s size and ``{"content", "style", "total"}``: the weighted losses of the
+    image after 0, 1, ..., ``steps`` steps (``total = content + style``; the last entry is the returned image's).
+    The style image is resized, aspect kept, so its longer side matches the content's. If a loss becomes NaN or
+    infinite, it stops with a warning and returns the last image whose loss was finite.
+    """
+    if optimizer not in ("lbfgs", "adam"):
+        raise ValueError(f"optimizer={optimizer!r}: use 'lbfgs' or 'adam'")
+    if init not in ("content", "noise"):
+        raise ValueError(f"init={init!r}: use 'content' or 'noise'")
+    lr = lr if lr is not None else {"lbfgs": 1.0, "adam": 0.05}[optimizer]
+    param = next(net.parameters())
+    target = _to_tensor(content).to(param)
+    k = max(content.size) / max(style.size)
+    style = style.resize((max(1, round(style.width * k)), max(1, round(style.height * k))), Image.Resampling.LANCZOS)
+    with torch.no_grad():
+        content_target = extract(net, target, [content_layer])[content_layer]
+        grams = {name: gram_matrix(f) for name, f in extract(net, _to_tensor(style).to(param), style_layers).items()}
+    layer_weights = {name: 1.0 / len(style_layers) for name in style_layers}
+
+    if init == "content":
+        start = target.clone()
+    else:
+        start = torch.rand(target.shape, generator=torch.Generator().manual_seed(seed)).to(param)
+    x = start.requires_grad_(True)
+    if optimizer == "lbfgs":  # one iteration per step; its line search keeps it stable under the clamping
+        opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, max_eval=10, line_search_fn="strong_wolfe")
+    else:
+        opt = torch.optim.Adam([x], lr=lr)
+    evaluations: list[tuple[float, float]] = []
+
+    def measure() -> torch.Tensor:
+        """The weighted loss terms of ``x`` appended to ``evaluations``, their gradient into ``x.grad``."""
+        opt.zero_grad()
+        feats = extract(net, x, (content_layer, *style_layers))
+        c = content_weight * content_loss(feats[content_layer], content_target)
+        s = style_weight * style_loss(feats, grams, layer_weights)
+        (c + s).backward()
+        evaluations.append((c.item(), s.item()))
+        return c + s
+
+    history: dict[str, list[float]] = {"content": [], "style": [], "total": []}
+    good = x.detach().clone()
+    bar = tqdm(total=steps, desc="stylise", disable=not progress)
+    for step in range(steps + 1):
+        image = x.detach().clone()  # the image after `step` steps: the first evaluation below measures it
+        if step == steps:
+            measure()  # the final image is measured, not moved
+        elif optimizer == "lbfgs":
+            opt.step(measure)  # measures, then its line search evaluates one or more trial images
+        else:
+            measure()
+            opt.step()
+        (c, s), *_ = evaluations
+        evaluations.clear()
+        if not math.isfinite(c + s):
+            _warn_not_finite(step, steps, c + s, lr, content_weight, style_weight)
+            break
+        good = image
+        for key, value in zip(("content", "style", "total"), (c, s, c + s)):
+            history[key].append(value)
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        if step < steps:
+            bar.update(1)
+            bar.set_postfix(loss=f"{c + s:.3g}")
+    bar.close()
+    return _to_image(good), history
+
+
+def _warn_not_finite(step: int, steps: int, loss: float, lr: float, content_weight: float,
+                     style_weight: float) -> None:
+    warnings.warn(f"stylise stopped: the loss of the image after {step} of {steps} steps is {loss}; returning the "
+                  f"image after {max(step - 1, 0)} steps, the last with a finite loss. Try a lower lr (now {lr:g}) "
+                  f"or lower weights (now content_weight={content_weight:g}, style_weight={style_weight:g}).",
+                  RuntimeWarning, stacklevel=3)
+
+
+def load_style_image(path: str | Path, *, min_side: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A style reference image, checked as photos are (``nbutils.photos.read_photo``); the file is only read.
+
+    Returns it upright, 8-bit RGB (grey, CMYK, palette and 16-bit converted, transparency on white), downsized to
+    at most ``max_pixels`` pixels. Raises ``FileNotFoundError`` when there is no such file and ``ValueError``,
+    with the reason and what to do, when it is not an image or is under ``min_side`` px on its shorter side.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No style image at {path}: pass the path of an image file (jpg, png, webp)")
+    image, reason = read_photo(path, min_side=min_side, max_pixels=max_pixels)
+    if image is None:
+        raise ValueError(f"style image {path.name}: {reason}")
+    return image
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> ``(1, 3, H, W)`` float32 RGB in [0, 1]."""
+    pixels = torch.tensor(np.asarray(to_rgb(image)), dtype=torch.float32) / 255
+    return pixels.permute(2, 0, 1)[None].contiguous()
+
+
+def _to_image(x: torch.Tensor) -> Image.Image:
+    """``(1, 3, H, W)`` in [0, 1] -> RGB PIL image, ``W x H`` px."""
+    pixels = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels)
