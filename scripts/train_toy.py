@@ -101,32 +101,42 @@ def colour_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return ((x + 1) * gain - 1).clamp(-1, 1)
 
 
-def stage_vae(work: Path, steps: int, batch: int, seed: int, device: torch.device) -> None:
-    """Train the VAE (MSE + L1 + 1e-6 KL) on random 32 px crops with ``colour_jitter``; report full-image PSNR on
-    held-out renders."""
+def stage_vae(work: Path, steps: int, batch: int, seed: int, device: torch.device, ckpt_every: int = 250,
+              stop_after: int | None = None) -> None:
+    """Train the VAE (MSE + L1 + 1e-6 KL) on random 32 px crops with ``colour_jitter``, AdamW at 1e-3 with 5 %
+    warm-up and cosine decay; checkpoint and resume under ``work/vae-ckpt`` (the batch of step k is the same after
+    a resume); report full-image PSNR on held-out renders. ``stop_after``: leave after that many steps, as an
+    interruption would (for tests)."""
     out = work / "vae.safetensors"
     if out.exists():
         return
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
     images = np.load(work / "images.npy", mmap_mode="r")
     vae = toy_model.toy_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    bar = tqdm(range(steps), desc="vae")
-    for _ in bar:
+    ckpt = work / "vae-ckpt"
+    start = _load_vae_ckpt(ckpt, vae, opt) if ckpt.exists() else 0
+    warm = max(1, steps // 20)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae")
+    for step in bar:
+        rng = np.random.default_rng([seed, step])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = np.sort(rng.choice(len(images) - 256, batch, replace=False))
         y, x = rng.integers(0, 64 - 32 + 1, 2)
         crop = colour_jitter(_to_tensor(np.ascontiguousarray(images[idx, y : y + 32, x : x + 32])).to(device), g)
         post = vae.encode(crop).latent_dist
-        rec = vae.decode(post.sample()).sample
+        rec = vae.decode(post.sample(generator=g)).sample
         loss = F.mse_loss(rec, crop) + F.l1_loss(rec, crop) + 1e-6 * post.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min((step + 1) / warm, 0.5 * (1 + math.cos(math.pi * step / steps)))
         loss.backward()
         opt.step()
         opt.zero_grad()
-        sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % ckpt_every == 0 or step + 1 in (steps, stop_after):
+            _save_vae_ckpt(ckpt, step + 1, vae, opt)
+        if step + 1 == stop_after:
+            return
     vae.eval()
     with torch.no_grad():
         held = _to_tensor(np.ascontiguousarray(images[-256:])).to(device)
@@ -168,14 +178,41 @@ def _portrait(d: dict) -> toyworld.Portrait:
     return toyworld.Portrait(identity=ident, **rest)
 
 
+def _save_optimizer(opt, path: Path) -> None:
+    state = opt.state_dict()
+    tensors = {f"{k}.{name}": v.contiguous() for k, s in state["state"].items() for name, v in s.items() if torch.is_tensor(v)}
+    save_file(tensors, path)
+
+
+def _load_optimizer(opt, path: Path) -> None:
+    state = opt.state_dict()
+    for key, v in load_file(path).items():
+        k, name = key.split(".", 1)
+        state["state"].setdefault(int(k), {})[name] = v
+    opt.load_state_dict(state)
+
+
+def _save_vae_ckpt(path: Path, step: int, vae, opt) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(vae.state_dict(), tmp / "vae.safetensors")
+    _save_optimizer(opt, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    replace_dir(tmp, path)
+
+
+def _load_vae_ckpt(path: Path, vae, opt) -> int:
+    vae.load_state_dict(load_file(path / "vae.safetensors"))
+    _load_optimizer(opt, path / "optimizer.safetensors")
+    return json.loads((path / "state.json").read_text())["step"]
+
+
 def _save_unet_ckpt(path: Path, step: int, unet, ema_unet, opt) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(unet.state_dict(), tmp / "unet.safetensors")
     save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(ema_unet.shadow_params)}, tmp / "ema_unet.safetensors")
-    state = opt.state_dict()
-    tensors = {f"{k}.{name}": v.contiguous() for k, s in state["state"].items() for name, v in s.items() if torch.is_tensor(v)}
-    save_file(tensors, tmp / "optimizer.safetensors")
+    _save_optimizer(opt, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "ema_step": ema_unet.optimization_step}))
     replace_dir(tmp, path)
 
@@ -186,12 +223,7 @@ def _load_unet_ckpt(path: Path, unet, ema_unet, opt) -> int:
     ema_unet.shadow_params = [saved[f"{i}"].to(old.device) for i, old in enumerate(ema_unet.shadow_params)]
     meta = json.loads((path / "state.json").read_text())
     ema_unet.optimization_step = meta["ema_step"]
-    tensors = load_file(path / "optimizer.safetensors")
-    state = opt.state_dict()
-    for key, v in tensors.items():
-        k, name = key.split(".", 1)
-        state["state"].setdefault(int(k), {})[name] = v
-    opt.load_state_dict(state)
+    _load_optimizer(opt, path / "optimizer.safetensors")
     return meta["step"]
 
 

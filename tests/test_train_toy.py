@@ -42,6 +42,34 @@ def test_data_and_latents_have_the_documented_shapes(work):
     assert load_file(work / "latents.safetensors")["latents"].shape == (300, 4, 16, 16)
 
 
+def test_vae_stage_resumes_exactly(work, train_toy, tmp_path):
+    """4 VAE steps in one go == 2 steps, stop, then resume to 4 (same weights bit for bit)."""
+    import shutil
+
+    runs = {}
+    for name, stops in (("straight", [None]), ("resumed", [2, None])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("images.npy", "portraits.json", "world.json"):
+            shutil.copy(work / f, folder / f)
+        for stop in stops:
+            train_toy.stage_vae(folder, steps=4, batch=2, seed=0, device=torch.device("cpu"), ckpt_every=2,
+                                stop_after=stop)
+        runs[name] = load_file(folder / "vae.safetensors")
+    assert runs["straight"].keys() == runs["resumed"].keys()
+    assert all(torch.equal(runs["straight"][k], runs["resumed"][k]) for k in runs["straight"])
+
+
+def test_data_stage_refuses_renders_of_another_world(work, train_toy, tmp_path):
+    import shutil
+
+    folder = tmp_path / "old-world"
+    folder.mkdir()
+    shutil.copy(work / "images.npy", folder / "images.npy")
+    with pytest.raises(RuntimeError, match="another version of the pretraining world"):
+        train_toy.stage_data(folder, n=300, seed=0)
+
+
 def test_unet_stage_resumes_exactly(work, train_toy, tmp_path):
     """6 steps in one go == 2 steps, stop, then resume to 6 (same weights bit for bit; 3 checkpoint swaps)."""
     import shutil
