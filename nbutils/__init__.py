@@ -6,7 +6,8 @@ figures), ``sampling`` (seeded batched generation). Data: ``photos`` (load and c
 ``faces`` (dlib detection and alignment), ``augment`` (augmentation, captions, the prepared dataset). Methods:
 ``train`` (the one training loop), ``textual_inversion``, ``pplus``, ``lora``, ``svdiff``, ``dreambooth``,
 ``combos`` (DreamBooth + TI, LoRA + TI), ``exports`` (LoRA and embedding files for A1111 / ComfyUI). Stylising:
-``style_transfer`` (Gatys neural style transfer). Evaluation: ``metrics``, ``prompts``, ``resources``. Toy tier: ``toyworld`` (the procedural portrait world), ``toy_model`` (the miniature SD's parts),
-``toy_evaluators``, and ``clip_bpe`` (SD1.5's CLIP tokenizer, built offline). Importing the package itself imports
+``style_transfer`` (Gatys neural style transfer). Evaluation: ``metrics``, ``prompts``, ``resources``. Toy tier:
+``toyworld`` (the procedural portrait world), ``toy_model`` (the miniature SD's parts), ``toy_evaluators``, and
+``clip_bpe`` (SD1.5's CLIP tokenizer, built offline). Importing the package itself imports
 nothing heavy (no torch, no diffusers): import the module you need, e.g. ``from nbutils.runs import new_run``.
 """

@@ -118,26 +118,29 @@ def _subject_photos(name):
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
 
 
-@pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists() or not (EVALUATOR_DIR / "attribute_net.safetensors")
-                    .exists(), reason="toy model or toy evaluators not trained yet")
+@pytest.fixture(scope="module")
+def toy_pipe():
+    if not (TOY_DIR / "model_index.json").exists():
+        pytest.skip("toy model not trained yet (make toy-model)")
+    return StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True)
+
+
+@pytest.mark.skipif(not (EVALUATOR_DIR / "attribute_net.safetensors").exists(), reason="toy evaluators not trained yet")
 @pytest.mark.parametrize("name", sorted(tw.SUBJECTS))
-def test_toy_autoencoder_can_draw_each_subject(name):
+def test_toy_autoencoder_can_draw_each_subject(name, toy_pipe):
     """The ceiling of every method: the VAE's round trip of a subject's 5 photos keeps identity >= 0.95, and the
     attribute net reads every identity trait of the round-tripped photos right on at least 4 of 5."""
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True)
     ev = load_toy_evaluators()
     photos = _subject_photos(name)
     assert len(photos) == 5
-    back = autoencode(pipe, photos)
+    back = autoencode(toy_pipe, photos)
     assert identity_similarity(back, photos, ev.identity)["identity"] >= 0.95
     pred, truth = ev.predict(back), tw.Portrait(tw.SUBJECTS[name]).labels()
     for field in tw.IDENTITY_FIELDS:
         assert (pred[field] == truth[field]).sum() >= 4, field
 
 
-@pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists(), reason="toy model not trained yet (make toy-model)")
-def test_toy_autoencoder_reconstructs_fresh_renders_of_every_trait():
+def test_toy_autoencoder_reconstructs_fresh_renders_of_every_trait(toy_pipe):
     """PSNR >= 24 dB on 256 fresh renders drawn from every trait value (the unnamed ones included)."""
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True)
     renders = [tw.render(p, 64) for p in tw.portraits(11, 256, held_out=True)]
-    assert psnr_db(autoencode(pipe, renders), renders) >= 24
+    assert psnr_db(autoencode(toy_pipe, renders), renders) >= 24
