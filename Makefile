@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 # The checkout being run always provides nbutils (the venv is shared by every clone with the same lock file).
 export PYTHONPATH := $(CURDIR)
 QUICK ?= 0
+# `make study` resumes the newest interrupted study of the same options; FRESH=1 starts a new one.
+FRESH ?= 0
 # open_clip only lends its CLIP BPE vocabulary file; its torchvision dependency is deliberately not installed.
 OPEN_CLIP := open-clip-torch==3.3.0
 # pip names every configured package location that lacks a package ("WARNING: Location ... is ignored"); hide that
@@ -32,7 +34,8 @@ $(VENV)/.ready:
 	touch $@
 
 study: venv
-	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) $(if $(ONLY),--only $(ONLY))
+	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) \
+		$(if $(ONLY),--only $(ONLY)) $(if $(filter 1,$(FRESH)),--fresh)
 
 test: venv
 	$(PY) -m pytest

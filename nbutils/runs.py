@@ -9,15 +9,19 @@ Layout of one run folder (``<out_dir>/<notebook>-<YYYYmmdd-HHMMSS>[-k]/``)::
 
 ``make study`` runs the notebooks with ``OUT_DIR=runs/<YYYYmmdd-HHMMSS>/``, so one study's runs sit together;
 a notebook run by hand uses ``runs/``. Every file is written atomically (temporary file + ``os.replace``), so a
-crash never leaves half a file, and a run folder is created exclusively: an existing one is never reused.
+crash never leaves half a file, and a run folder is created exclusively. A folder is reused only to resume its own
+interrupted run (``find_resumable_run``: same notebook, method, parameters and code version, not finished); a
+finished run (``Run.finish``) is never written again.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 import warnings
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -201,6 +205,16 @@ class Run:
         return datetime.fromisoformat(self.config["created"])
 
     @property
+    def code_version(self) -> str | None:
+        """The ``code_version`` of the code that trained this run (``None`` for runs from before it was recorded)."""
+        return self.config.get("code_version")
+
+    @property
+    def finished(self) -> bool:
+        """Whether the notebook that wrote this run reached its end (``finish``): such a run is never resumed."""
+        return "finished" in self.metrics
+
+    @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.json"
 
@@ -240,7 +254,15 @@ class Run:
         if change:
             self._logged.update(change)
         if series:
-            self._logged.setdefault("series", {}).setdefault(series[0], []).append(series[1])
+            points = self._logged.setdefault("series", {}).setdefault(series[0], [])
+            step = series[1]["step"]
+            same = None  # steps usually grow: only a step at or below the last one can repeat a point
+            if points and points[-1]["step"] >= step:
+                same = next((i for i, p in enumerate(points) if p["step"] == step), None)
+            if same is None:
+                points.append(series[1])
+            else:
+                points[same] = series[1]
         data = json.dumps(self._logged, ensure_ascii=False).encode("utf-8")
         atomic_write(self.metrics_path, data, fsync=series is None)  # curve points come every step: no fsync
         return self._logged
@@ -252,8 +274,30 @@ class Run:
         return copy.deepcopy(self._write_metrics(change=to_jsonable(values, "metric")))
 
     def log_series(self, name: str, step: int, **values) -> None:
-        """Append ``{"step": step, **values}`` to ``metrics.json["series"][name]`` (a loss or checkpoint curve)."""
+        """Append ``{"step": step, **values}`` to ``metrics.json["series"][name]`` (a loss or checkpoint curve).
+
+        A point logged again at a step the series already holds replaces it, so a resumed run that repeats a step
+        keeps one point per step."""
         self._write_metrics(series=(name, to_jsonable({"step": int(step), **values}, f"series {name!r}")))
+
+    def truncate_series(self, last_step: int) -> int:
+        """Drop every series point after ``last_step`` (what an interrupted run logged after its newest checkpoint,
+        which resuming trains again). Returns how many points were dropped."""
+        if self._logged is None:
+            self._logged = self.metrics
+        dropped = 0
+        for name, points in self._logged.get("series", {}).items():
+            kept = [p for p in points if p["step"] <= last_step]
+            dropped += len(points) - len(kept)
+            self._logged["series"][name] = kept
+        if dropped:
+            self._write_metrics()
+        return dropped
+
+    def finish(self) -> None:
+        """Mark the run finished (``metrics.json["finished"]``: the local ISO time): its notebook reached the end.
+        ``find_resumable_run`` never resumes a finished run; call it in the notebook's last cell."""
+        self.log_metrics(finished=datetime.now().astimezone().isoformat())
 
     def artifact_path(self, *parts: str) -> Path:
         """``path/artifacts/<parts...>``, its parent folders created; parts must stay inside the run folder."""
@@ -283,11 +327,14 @@ def resolve_quick(quick: bool | None) -> bool:
     return os.environ.get(QUICK_ENV, "0") == "1" if quick is None else bool(quick)
 
 
-def new_run(notebook: str, params: dict, *, out_dir: str | Path = "runs", method: str | None = None) -> Run:
+def new_run(notebook: str, params: dict, *, out_dir: str | Path = "runs", method: str | None = None,
+            code_version: str | None = None) -> Run:
     """Create ``out_dir/<notebook>-<YYYYmmdd-HHMMSS>[-k]/`` with its ``config.json`` and return the ``Run``.
 
     ``params`` are the notebook's parameters; they must be JSON-serialisable (``Path`` becomes ``str``, anything
     else raises a ``TypeError`` naming the key). A relative ``out_dir`` resolves against the repo root.
+    ``code_version``: the ``code_version(...)`` of the code that trains the run, stored so that a later resume can
+    refuse a run trained by other code.
     """
     _check_name(notebook, "Notebook name")
     config = {
@@ -297,6 +344,8 @@ def new_run(notebook: str, params: dict, *, out_dir: str | Path = "runs", method
         "created": datetime.now().astimezone().isoformat(),
         "environment": environment_info(),
     }
+    if code_version is not None:
+        config["code_version"] = code_version
     path = create_unique_dir(repo_path(out_dir), f"{notebook}-{timestamp()}")
     atomic_write_json(path / "config.json", config)
     return Run(path, config)
@@ -340,7 +389,7 @@ def list_runs(out_dir: str | Path = "runs", notebook: str | None = None, method:
         candidates = [folder]
         if not (folder / "config.json").exists():
             subfolders = sorted(c for c in folder.iterdir() if c.is_dir())
-            if subfolders or any(folder.glob("*.ipynb")):  # a study folder: executed notebooks + run folders
+            if subfolders or any(folder.glob("*.ipynb")) or (folder / "study.json").exists():  # a study folder
                 candidates = subfolders
         for candidate in candidates:
             try:
@@ -355,6 +404,145 @@ def latest_run(notebook: str, out_dir: str | Path = "runs") -> Run | None:
     """The most recently created run of ``notebook`` under ``out_dir``, or ``None`` if there is none."""
     runs = list_runs(out_dir, notebook=notebook)
     return runs[-1] if runs else None
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+SHARED_TRAINING_CODE = ("train", "study", "metrics", "sampling")
+"""``nbutils`` modules behind every method run: the training loop, the evaluation grid, the scores, the sampler."""
+
+
+def code_version(modules: Sequence[str]) -> str:
+    """A fingerprint of the code behind a run: SHA-256 (first 16 hex digits) of the source files
+    ``nbutils/<name>.py`` of ``modules`` plus ``SHARED_TRAINING_CODE``, in that order, names included.
+
+    Why a hash of the source and not a version constant: a resumed run must end with the weights and scores an
+    uninterrupted run of the *same* code would have, and any edit of the method, the loop, the sampler or a metric
+    can break that; a constant is only as good as the memory of whoever edits the code, a hash never forgets. The
+    price is that an edit that changes nothing (a comment) also starts a fresh run, which says so. Dependencies
+    outside ``nbutils`` are recorded in the run's ``environment``, not in this fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name in dict.fromkeys([*modules, *SHARED_TRAINING_CODE]):
+        path = REPO_ROOT / "nbutils" / f"{name}.py"
+        if not path.is_file():
+            raise FileNotFoundError(f"code_version: no module nbutils/{name}.py; name the method's module, e.g. "
+                                    "'textual_inversion'.")
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Resumable:
+    """What ``find_resumable_run`` decided: ``run`` to continue (``None``: start a new run) and ``reason``, one
+    sentence for the notebook to print (which run and why, or why not and which parameter differed)."""
+
+    run: Run | None
+    reason: str
+
+
+def _run_folders(out_dir: Path, notebook: str) -> list[Path]:
+    """``out_dir``'s own folders named ``<notebook>-<YYYYmmdd-HHMMSS>[-k]``, newest first (by the name's time, then
+    ``k``); study folders below ``out_dir`` are not searched: a notebook resumes only runs of its own ``OUT_DIR``."""
+    pattern = re.compile(rf"{re.escape(notebook)}-(\d{{8}}-\d{{6}})(?:-(\d+))?")
+    found = []
+    for path in out_dir.iterdir() if out_dir.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((match.group(1), int(match.group(2) or 0), path))
+    return [path for *_, path in sorted(found, reverse=True)]
+
+
+def differing_keys(ours: Any, theirs: Any, prefix: str = "") -> list[str]:
+    """The dotted keys (``"train.steps"``) where two JSON values differ; ``[prefix or "value"]`` for unequal
+    non-dicts."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        keys = sorted(set(ours) | set(theirs))
+        return [d for k in keys for d in differing_keys(ours.get(k), theirs.get(k), f"{prefix}{k}.")]
+    return [] if ours == theirs else [prefix.rstrip(".") or "value"]
+
+
+def find_resumable_run(
+    out_dir: str | Path, notebook: str, params: dict, *, code_version: str, method: str | None = None,
+    resume: str | Path = "auto",
+) -> Resumable:
+    """The run a notebook should continue instead of starting a new one, if any.
+
+    ``resume="auto"``: the runs of ``notebook`` (and ``method``) directly in ``out_dir`` are read newest first;
+    runs with other ``params`` (model, dataset, training and evaluation recipe: all of them) are other experiments
+    and are passed over; the first with the same ``params`` is continued if it has the same ``code_version`` and is
+    not finished, else ``None`` (a finished run is never touched; other code starts afresh). A folder whose config
+    cannot be read, met before such a run, also gives ``None``. Every ``None`` comes with the reason (for a changed
+    parameter: which one differs from the newest run). ``"never"``: always ``None``. A path: that run folder; it
+    must pass the same checks, else ``ValueError`` (an explicit request is not silently replaced by a new run); a
+    folder of another method counts as ``"auto"``. Nothing is deleted or written here; checkpoints are checked by
+    ``nbutils.train.resume_problem``.
+    """
+    if str(resume) == "never":
+        return Resumable(None, "RESUME='never': starting a new run")
+    ours = to_jsonable(dict(params), "params")
+    if str(resume) != "auto":
+        run = load_run(resume)  # a clear FileNotFoundError / ValueError for a folder that is no run
+        if method is None or run.method == method:
+            problem = _resume_problem(run, notebook, ours, code_version)
+            if problem:
+                raise ValueError(f"RESUME={str(resume)!r} cannot be resumed: {problem}. Set RESUME='auto' or "
+                                 "'never' to start a new run.")
+            return Resumable(run, f"resuming {run.path} (RESUME names it)")
+    first_differ = None
+    for folder in _run_folders(repo_path(out_dir), notebook):
+        try:
+            run = load_run(folder)
+        except (FileNotFoundError, ValueError) as err:
+            return Resumable(None, f"the newest run folder {folder} cannot be read ({err}); starting a new run, "
+                                   "that folder is left as it is")
+        if method is not None and run.method != method:
+            continue
+        differ = differing_keys(ours, run.config["params"])
+        if differ:
+            first_differ = first_differ or f"the newest run {run.path} has other parameters ({', '.join(differ)})"
+            continue
+        problem = _resume_problem(run, notebook, ours, code_version)
+        if problem:
+            return Resumable(None, f"not resuming {run.path}: {problem}; starting a new run")
+        return Resumable(run, f"resuming {run.path}, interrupted before it finished, with the same parameters")
+    if first_differ:
+        return Resumable(None, f"{first_differ}; starting a new run")
+    return Resumable(None, f"no earlier run of {notebook} in {repo_path(out_dir)}; starting a new run")
+
+
+def _resume_problem(run: Run, notebook: str, params: dict, version: str) -> str | None:
+    if run.notebook != notebook:
+        return f"it is a run of {run.notebook}, not of {notebook}"
+    differ = differing_keys(params, run.config["params"])
+    if differ:
+        return f"its parameters differ: {', '.join(differ)}"
+    if run.finished:
+        return f"it finished ({run.metrics['finished']}); a finished run is never touched"
+    if run.code_version != version:
+        return (f"it was trained by another version of the method code (its code_version {run.code_version}, "
+                f"this code's {version})")
+    return None
+
+
+COLAB_DRIVE = Path("/content/drive")
+DRIVE_FOLDER = "MyDrive/portrait-studio"
+
+
+def drive_out_dir(out_dir: str | Path, drive: bool) -> str:
+    """A notebook's ``OUT_DIR`` with its ``DRIVE`` parameter: unchanged when ``drive`` is false; with ``True``, on
+    Colab, Google Drive is mounted (Colab asks for permission) and a relative ``out_dir`` moves to
+    ``/content/drive/MyDrive/portrait-studio/<out_dir>``, so the results store, and with it every checkpoint,
+    survives a disconnected runtime. ``True`` anywhere else raises ``RuntimeError``: there is no Drive to mount."""
+    if not drive:
+        return str(out_dir)
+    try:
+        from google.colab import drive as colab_drive  # only importable on Colab
+    except ImportError:
+        raise RuntimeError("DRIVE=True mounts Google Drive, which works on Colab only; here OUT_DIR is already on "
+                           "this machine's disk: set DRIVE=False.") from None
+    colab_drive.mount(str(COLAB_DRIVE))
+    path = Path(out_dir).expanduser()
+    return str(path if path.is_absolute() else COLAB_DRIVE / DRIVE_FOLDER / path)
 
 
 def read_png_metadata(path: str | Path) -> dict:

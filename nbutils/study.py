@@ -8,6 +8,8 @@ reaches the UNet) and calls this module for the rest:
 - ``eval_setup`` + ``CheckpointEvaluator``: one fixed grid of prompts x seeds, sampled and scored with
   ``nbutils.metrics.evaluate_images`` before training (the base model) and at every checkpoint, each point logged
   as ``run.log_series("eval", step, ...)``; the same grid in every method notebook, so their curves compare;
+- ``resume_or_new_run``: the run folder a notebook writes into: its interrupted run with the same parameters and
+  code, continued (``RESUME="auto"``), or a new one;
 - ``log_resources``: training time (evaluation excluded), peak memory and artifact size into the run;
   ``train_and_log``: one training with its evaluator, its costs logged;
 - ``reference_run``, ``reference_runs``, ``series_points``, ``loss_figure``, ``scores_figure``,
@@ -32,9 +34,9 @@ from nbutils.metrics import EvalSuite, evaluate_images
 from nbutils.models import model_tier, tier_defaults
 from nbutils.prompts import PROMPT_SETS
 from nbutils.resources import Usage, dir_size_bytes, track
-from nbutils.runs import Run, latest_run, list_runs, load_run, repo_path
+from nbutils.runs import Run, code_version, find_resumable_run, latest_run, list_runs, load_run, new_run, repo_path
 from nbutils.sampling import generate
-from nbutils.train import Method, TrainConfig, TrainResult, train
+from nbutils.train import Method, TrainConfig, TrainResult, list_checkpoints, resume_problem, train
 from nbutils.viz import image_grid, plot_curve
 
 RUN_01_FIRST = "run notebooks/01_dataset.ipynb first (or make study)"
@@ -100,6 +102,37 @@ def load_subject_dataset(
 def with_overrides(cfg: TrainConfig, **values) -> TrainConfig:
     """``cfg`` with every value that is not ``None`` replaced (a notebook's ``STEPS=None`` keeps the default)."""
     return replace(cfg, **{k: v for k, v in values.items() if v is not None})
+
+
+def resume_or_new_run(
+    notebook: str, params: dict, *, out_dir: str | Path, method: str, code: Sequence[str],
+    resume: str | Path = "auto",
+) -> Run:
+    """The run folder a method notebook trains into, the decision printed in one line.
+
+    ``resume`` (the notebook's ``RESUME``): ``"auto"`` continues the newest run of ``notebook``/``method`` in
+    ``out_dir`` if it has the same ``params``, was trained by the same code (``code``: the method's ``nbutils``
+    modules, fingerprinted by ``nbutils.runs.code_version``), did not finish and its newest checkpoint is complete
+    (``nbutils.train.resume_problem``); else, saying why, a new run. ``"never"``: a new run. A run folder: that
+    run (``ValueError`` if it cannot be resumed). Nothing is deleted: a run that is not resumed stays as it was.
+    """
+    version = code_version(code)
+    found = find_resumable_run(out_dir, notebook, params, code_version=version, method=method, resume=resume)
+    reason, run = found.reason, found.run
+    if run is not None:
+        problem = resume_problem(run)
+        if problem:
+            if str(resume) not in ("auto", "never"):
+                raise ValueError(f"RESUME={str(resume)!r} cannot be resumed: {problem}.")
+            reason, run = f"not resuming {run.path}: {problem}; starting a new run (nothing deleted)", None
+        else:
+            done = list_checkpoints(run)
+            reason += f", from its checkpoint of step {done[-1].name.removeprefix('step-')}" if done else \
+                ", which had not saved a checkpoint yet: training starts at step 1 in it"
+    if run is None:
+        run = new_run(notebook, params, out_dir=out_dir, method=method, code_version=version)
+    print(f"{method}: {reason}")
+    return run
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
@@ -176,6 +209,12 @@ class CheckpointEvaluator:
     ``images`` the latest evaluation's images (``{prompt: one image per seed}``, for further measures such as
     ``nbutils.dreambooth.nearest_training_similarity``) and ``seconds`` the time spent in evaluations run as a
     training callback (not direct ``evaluate`` calls such as the baseline's), to subtract from training wall time.
+
+    In a resumed run the points recorded before the interruption are kept, not sampled again: ``evaluate`` reads
+    the ``"eval"`` points of ``metrics.json`` whose first-seed images are saved into ``scores`` and ``grid``, and
+    returns a recorded point of its step and phrase as it is. After such a recorded
+    point, ``images`` is sampled again on first use, from the pipeline as it is at that time (the same images if
+    nothing trained in between: sampling is seeded).
     """
 
     def __init__(
@@ -186,21 +225,50 @@ class CheckpointEvaluator:
         self.subject_phrase, self.class_phrase, self.embed = subject_phrase, class_phrase, embed
         self.scores: dict[int, dict] = {}
         self.grid: dict[int, list[Image.Image]] = {}
-        self.images: dict[str, list[Image.Image]] = {}
+        self._images: dict[str, list[Image.Image]] = {}
+        self._resample: Callable[[], dict] | None = None
         self.seconds = 0.0
+
+    @property
+    def images(self) -> dict[str, list[Image.Image]]:
+        """The latest evaluation's images, ``{prompt: one image per seed}`` (see the class docstring)."""
+        if self._resample is not None:
+            self._images, self._resample = self._resample(), None
+        return self._images
+
+    def _recorded(self, run: Run) -> dict[int, tuple[str, dict, list[Image.Image]]]:
+        """``{step: (subject_phrase, scores, first-seed images)}`` of the ``"eval"`` points ``run`` holds whose
+        images are all saved."""
+        found = {}
+        for point in run.metrics.get("series", {}).get("eval", []):
+            paths = [run.path / "images" / f"step-{point['step']}-{name}.png" for name in self.setup.names]
+            if all(p.is_file() for p in paths):
+                scores = {k: v for k, v in point.items() if k not in ("step", "subject_phrase")}
+                images = [Image.open(p).convert("RGB") for p in paths]
+                found[point["step"]] = (point.get("subject_phrase"), scores, images)
+        return found
 
     def evaluate(
         self, pipe: StableDiffusionPipeline, run: Run, step: int, *, subject_phrase: str | None = None,
         embed: Embed | None = None,
     ) -> dict:
         """Sample, score and log one point: series ``"eval"`` at ``step`` (with its ``subject_phrase``), the first
-        seed's images saved as ``images/step-<step>-<prompt name>.png``. Returns the scores."""
+        seed's images saved as ``images/step-<step>-<prompt name>.png``. Returns the scores; a point ``run``
+        already holds for this step and phrase (a resumed run's) is returned as recorded, without sampling."""
         phrase = subject_phrase or self.subject_phrase
+        recorded = self._recorded(run)
+        for s, (_, scores, grid) in recorded.items():  # a resumed run's earlier checkpoints
+            self.scores.setdefault(s, scores)
+            self.grid.setdefault(s, grid)
+        if step in recorded and recorded[step][0] == phrase:
+            self.scores[step], self.grid[step] = recorded[step][1], recorded[step][2]
+            self._resample = lambda: sample_prompts(pipe, self.setup, phrase, embed=embed)
+            return self.scores[step]
         images = sample_prompts(pipe, self.setup, phrase, embed=embed)
         scores = evaluate_images(images, self.subject.references, self.suite, subject_phrase=phrase,
                                  class_phrase=self.class_phrase, seed=self.setup.seeds[0])
         self.scores[step], self.grid[step] = scores, [imgs[0] for imgs in images.values()]
-        self.images = images
+        self._images, self._resample = images, None
         for name, (prompt, imgs) in zip(self.setup.names, images.items()):
             run.save_image(imgs[0], f"step-{step}-{name}", prompt=prompt, seed=self.setup.seeds[0], step=step)
         run.log_series("eval", step, subject_phrase=phrase, **scores)
@@ -222,14 +290,17 @@ class CheckpointEvaluator:
 
 
 # --------------------------------------------------------------------------------------------------- costs
-def log_resources(run: Run, usage: Usage, artifact: str | Path, *, excluded_s: float = 0.0, **extra) -> dict:
+def log_resources(run: Run, usage: Usage, artifact: str | Path, *, excluded_s: float = 0.0, earlier_s: float = 0.0,
+                  **extra) -> dict:
     """Log what training cost into ``run``'s metrics and return it.
 
-    ``train_s``: ``usage.wall_s`` minus ``excluded_s`` (the evaluator's ``seconds``), ``eval_s``, ``peak_rss_mb``,
+    ``train_s``: ``usage.wall_s`` minus ``excluded_s`` (the evaluator's ``seconds``) plus ``earlier_s`` (the
+    training time a resumed run had spent before its checkpoint; the memory figures are this session's),
+    ``eval_s``, ``peak_rss_mb``,
     ``added_rss_mb`` (peak minus start), ``peak_cuda_mb`` (``None`` without CUDA), ``artifact_bytes`` (size of
     ``artifact``, a file or folder) and ``extra`` (e.g. ``steps``, ``trainable_params``).
     """
-    values = {"train_s": round(usage.wall_s - excluded_s, 1), "eval_s": round(excluded_s, 1),
+    values = {"train_s": round(usage.wall_s - excluded_s + earlier_s, 1), "eval_s": round(excluded_s, 1),
               "peak_rss_mb": round(usage.peak_rss_mb, 1),
               "added_rss_mb": round(usage.peak_rss_mb - usage.start_rss_mb, 1),
               "peak_cuda_mb": None if usage.peak_cuda_mb is None else round(usage.peak_cuda_mb, 1),
@@ -244,8 +315,8 @@ def train_and_log(
 ) -> tuple[TrainResult, dict]:
     """``train`` into ``run`` with ``evaluator`` as its callback, measured by ``track``, then ``log_resources`` with
     the evaluator's time during training excluded, the final checkpoint's weights file as the artifact, ``steps``,
-    ``trainable_params`` (every number the optimizer updates) and ``extra``. Returns (``train``'s result, the
-    logged costs).
+    ``trainable_params`` (every number the optimizer updates) and ``extra``; a resumed run adds the training time
+    recorded before its checkpoint and logs ``resumed_from_step``. Returns (``train``'s result, the logged costs).
 
     ``callback``: what ``train`` calls instead of ``evaluator`` when the evaluator must run inside a context (such
     as ``parametrize.cached()``); it must call ``evaluator``, whose time is the one excluded."""
@@ -253,8 +324,10 @@ def train_and_log(
     with track() as usage:
         result = train(method, dataset, cfg, run, callbacks=[callback or evaluator])
     trainable = sum(p.numel() for p in method.trainable_parameters())
+    if result.start_step:
+        extra["resumed_from_step"] = result.start_step
     costs = log_resources(run, usage, result.checkpoint / method.weights_name, excluded_s=evaluator.seconds - before,
-                          steps=cfg.steps, trainable_params=trainable, **extra)
+                          earlier_s=result.earlier_s, steps=cfg.steps, trainable_params=trainable, **extra)
     return result, costs
 
 

@@ -11,7 +11,7 @@ rest, the same way for every method and every model tier:
 - the loss is logged every step into the run's ``metrics.json`` (series ``"loss"``);
 - checkpoints (``run.artifact_path("checkpoints", "step-<k>")``) hold the method's weights, the optimizer and
   scheduler state (safetensors for tensors, JSON for the rest; nothing is pickled) and are written atomically;
-  ``train`` resumes from the newest one in the run folder;
+  ``train`` resumes from the newest one in the run folder (``resume_problem`` says whether it can);
 - a NaN/inf loss saves the last good weights and raises ``TrainingDiverged``.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -191,12 +192,14 @@ Callback = Callable[[int, Method, Run], None]
 @dataclass
 class TrainResult:
     """``losses``: one mean loss per step run by this call, for steps ``start_step + 1 .. final_step``;
-    ``checkpoint``: the final checkpoint folder."""
+    ``checkpoint``: the final checkpoint folder; ``earlier_s``: training seconds (callbacks excluded) that the
+    checkpoint this call resumed from had recorded (0 for a run trained in one go), to add to this call's time."""
 
     losses: list[float]
     start_step: int
     final_step: int
     checkpoint: Path
+    earlier_s: float = 0.0
 
 
 @torch.no_grad()
@@ -271,11 +274,15 @@ def list_checkpoints(run: Run) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def save_checkpoint(run: Run, method: Method, step: int, optimizer, lr_scheduler, scaler, cfg: TrainConfig) -> Path:
+def save_checkpoint(run: Run, method: Method, step: int, optimizer, lr_scheduler, scaler, cfg: TrainConfig, *,
+                    train_s: float = 0.0) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically: a temporary sibling folder, then one rename.
 
     Holds ``method.weights_name`` (method tensors + ``save_metadata()``), ``optimizer.safetensors`` (AdamW moments
-    as ``"<param index>.<name>"``) and ``state.json`` (step, param groups, scheduler and grad-scaler state, config).
+    as ``"<param index>.<name>"``) and ``state.json`` (step, param groups, scheduler and grad-scaler state, config,
+    ``train_s``: wall seconds of training up to this step, callbacks excluded, summed over the sessions of a resumed
+    run; ``files``: the byte size of each tensor file, which ``checkpoint_problem`` checks). A process killed before
+    the rename leaves only a hidden ``.step-<step>.*`` folder, which no reader takes for a checkpoint.
     """
     final = run.artifact_path("checkpoints", f"step-{step}")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
@@ -285,13 +292,45 @@ def save_checkpoint(run: Run, method: Method, step: int, optimizer, lr_scheduler
         opt = optimizer.state_dict()
         moments = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
         atomic_write(tmp / OPTIMIZER_FILE, save(moments))
+        files = {name: (tmp / name).stat().st_size for name in (method.weights_name, OPTIMIZER_FILE)}
         state = {"step": step, "method": method.name, "param_groups": opt["param_groups"],
-                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "config": asdict(cfg)}
+                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "config": asdict(cfg),
+                 "train_s": round(train_s, 3), "files": files}
         atomic_write_json(tmp / STATE_FILE, state)
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """What makes checkpoint folder ``checkpoint`` unusable, in one phrase, or ``None`` if it is complete:
+    ``state.json`` must be valid JSON with its ``step``, and every tensor file it lists (``files``) must exist with
+    the recorded size (a truncated or missing file is named)."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        step, files = int(state["step"]), dict(state["files"])
+    except FileNotFoundError:
+        return f"{checkpoint} has no {STATE_FILE}"
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        return f"{checkpoint / STATE_FILE} is corrupt or from an older version ({type(err).__name__}: {err})"
+    if checkpoint.name != f"step-{step}":
+        return f"{checkpoint / STATE_FILE} says step {step}, not the folder's name"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is truncated or damaged ({path.stat().st_size:,} bytes, written as {size:,})"
+    return None
+
+
+def resume_problem(run: Run) -> str | None:
+    """Why ``train`` cannot resume ``run`` from its newest checkpoint (``checkpoint_problem``), or ``None`` (no
+    checkpoint yet is no problem: training starts at step 1 in that folder)."""
+    done = list_checkpoints(run)
+    return checkpoint_problem(done[-1]) if done else None
 
 
 def load_checkpoint(method: Method, checkpoint: str | Path, optimizer=None, lr_scheduler=None, scaler=None) -> int:
@@ -322,9 +361,13 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
     """Train ``method`` on ``dataset`` ((PIL image, caption) pairs) for ``cfg.steps`` steps, writing into ``run``.
 
     If the run folder already holds checkpoints, training continues from the newest one (``resume=True``) and
-    ends with the same weights as an uninterrupted run; ``resume=False`` refuses such a folder. ``callbacks(step, method, run)`` run every ``cfg.sample_every``
+    ends with the same weights as an uninterrupted run; ``resume=False`` refuses such a folder. Resuming drops the
+    series points logged after that checkpoint (those steps run again) and calls the callbacks once more at the
+    checkpoint's step, since the interrupted process may have died inside them: make them skip a step they already
+    recorded, as ``CheckpointEvaluator`` does. ``callbacks(step, method, run)`` run every ``cfg.sample_every``
     steps and at every checkpoint (for sample grids and evaluation). Raises ``TrainingDiverged`` on a NaN/inf loss.
     """
+    began, callback_s = time.perf_counter(), 0.0  # training time: this call's, callbacks excluded
     images, captions = _check_dataset(dataset)
     device = method.pipe.device
     latents = encode_latents(method.pipe, images, cfg.resolution)
@@ -339,11 +382,30 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
     done = list_checkpoints(run)
     if done and not resume:
         raise ValueError(f"{run.path} already holds checkpoints: pass resume=True, or train into a new run (new_run).")
+    problem = resume_problem(run)
+    if problem:
+        raise ValueError(f"Cannot resume {run.path}: {problem}. Train into a new run (new_run).")
     start = load_checkpoint(method, done[-1], optimizer, lr_scheduler, scaler) if done else 0
     if start > cfg.steps:
         raise ValueError(f"{run.path} already holds a checkpoint at step {start} > cfg.steps={cfg.steps}: "
                          "raise cfg.steps, or train into a new run (new_run).")
     last_saved = done[-1] if done else None
+    earlier_s = float(json.loads((last_saved / STATE_FILE).read_text()).get("train_s", 0.0)) if done else 0.0
+
+    def run_callbacks(step: int) -> None:
+        nonlocal callback_s
+        t = time.perf_counter()
+        for callback in callbacks:
+            callback(step, method, run)
+        callback_s += time.perf_counter() - t
+
+    def checkpoint(step: int) -> Path:
+        spent = earlier_s + time.perf_counter() - began - callback_s
+        return save_checkpoint(run, method, step, optimizer, lr_scheduler, scaler, cfg, train_s=spent)
+
+    if start:
+        run.truncate_series(start)
+        run_callbacks(start)
     num_timesteps = method.noise_scheduler.config.num_train_timesteps
     losses = []
     for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=method.name):
@@ -355,7 +417,7 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
                 loss = method.loss(batch) / cfg.gradient_accumulation
             if not torch.isfinite(loss):
                 if step > 1 and (last_saved is None or last_saved.name != f"step-{step - 1}"):
-                    last_saved = save_checkpoint(run, method, step - 1, optimizer, lr_scheduler, scaler, cfg)
+                    last_saved = checkpoint(step - 1)
                 kept = f"the last good weights are in {last_saved}" if last_saved else "nothing was learned yet"
                 raise TrainingDiverged(
                     f"The loss became {loss.item()} at step {step}; {kept}. Lower the learning rate "
@@ -373,8 +435,7 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
         run.log_series("loss", step, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
         at_checkpoint = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if at_checkpoint:
-            last_saved = save_checkpoint(run, method, step, optimizer, lr_scheduler, scaler, cfg)
+            last_saved = checkpoint(step)
         if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
-            for callback in callbacks:
-                callback(step, method, run)
-    return TrainResult(losses, start, cfg.steps, last_saved)
+            run_callbacks(step)
+    return TrainResult(losses, start, cfg.steps, last_saved, earlier_s)

@@ -5,11 +5,19 @@ Each ``notebooks/[0-9][0-9]_*.ipynb`` runs in order, in a kernel of this very in
 ``runs/<YYYYmmdd-HHMMSS>/``: the executed notebooks (``<name>.ipynb``) and, since ``OUT_DIR`` points there, the
 run folders the notebooks create. The first failing notebook stops the study (exit code 1) with its name and cell.
 
+A study picks up after an interruption (Ctrl-C, a killed process, a failure): ``study.json`` in the study folder
+records its options and each notebook that ran to the end. Run again with the same options, the runner reuses the
+newest study folder of those options that has notebooks left, skips the notebooks that finished there and runs the
+others; the method notebooks (``RESUME="auto"``) then continue their interrupted training from its newest
+checkpoint. The interrupted notebook's executed copy is kept as ``<name>.interrupted-<k>.ipynb``. ``--fresh``
+starts a new study folder whatever the last one holds.
+
     python scripts/run_study.py --quick 1 --only 01,02 --seed 0
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -28,7 +36,9 @@ from traitlets import default
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from nbutils.runs import create_unique_dir, repo_path, timestamp  # noqa: E402
+from nbutils.runs import atomic_write_json, create_unique_dir, repo_path, timestamp  # noqa: E402
+
+STATE_FILE = "study.json"
 
 
 class CurrentInterpreterKernelManager(AsyncKernelManager):
@@ -94,6 +104,53 @@ def run_notebook(notebook: Path, output: Path, parameters: dict) -> None:
     )
 
 
+def study_options(args: argparse.Namespace, notebooks: list[Path]) -> dict:
+    """What makes two studies the same study: the notebooks (their names and folder) and the injected options."""
+    return {"notebooks": [nb.name for nb in notebooks], "folder": str(notebooks[0].parent), "quick": args.quick,
+            "model": args.model, "seed": args.seed}
+
+
+def read_state(study: Path) -> dict | None:
+    """``study/study.json`` (``{"options", "done": {notebook: seconds}}``), or ``None`` if missing or unreadable."""
+    try:
+        state = json.loads((study / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("done"), dict) else None
+
+
+def find_unfinished_study(parent: Path, options: dict) -> tuple[Path | None, str]:
+    """The newest study folder under ``parent`` (by name, ``YYYYmmdd-HHMMSS[-k]``) if it was started with
+    ``options`` and has notebooks left to run; else ``None``. Returns it with a sentence saying why."""
+    studies = sorted((p for p in parent.iterdir() if p.is_dir() and p.name[:8].isdigit()),
+                     key=lambda p: (p.name[:15], int(p.name[16:] or 0) if p.name[16:].isdigit() else 0))
+    if not studies:
+        return None, "no earlier study"
+    newest = studies[-1]
+    state = read_state(newest)
+    if state is None:
+        return None, f"the newest study {newest} has no readable {STATE_FILE}: it is left as it is"
+    if state.get("options") != options:
+        theirs = state.get("options") or {}
+        differ = [k for k in options if theirs.get(k) != options[k]]
+        return None, f"the newest study {newest} ran with other options ({', '.join(differ)})"
+    if all(name in state["done"] for name in options["notebooks"]):
+        return None, f"the newest study {newest} finished"
+    return newest, f"resuming the study in {newest}: {len(state['done'])} of {len(options['notebooks'])} notebooks done"
+
+
+def keep_interrupted_copy(output: Path) -> Path | None:
+    """Rename an interrupted run's executed notebook ``<name>.ipynb`` to ``<name>.interrupted-<k>.ipynb``."""
+    if not output.exists():
+        return None
+    for k in range(1, 10_000):
+        kept = output.with_name(f"{output.stem}.interrupted-{k}.ipynb")
+        if not kept.exists():
+            output.rename(kept)
+            return kept
+    raise FileExistsError(f"{output.parent} holds 10,000 interrupted copies of {output.name}: clean it up.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Run the portrait-studio notebooks in order into runs/<timestamp>/.")
     p.add_argument("--quick", type=int, choices=(0, 1), default=0, help="1: fewer steps and samples (a short run)")
@@ -104,13 +161,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
     p.add_argument("--out", default="runs", help="parent folder of the study folder (relative: from the repo root)")
     p.add_argument("--notebooks", default="notebooks", help="folder holding the numbered notebooks")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new study folder even if the newest one, with the same options, was interrupted")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     notebooks = find_notebooks(repo_path(args.notebooks), args.only)
-    study = create_unique_dir(repo_path(args.out), timestamp())
+    options = study_options(args, notebooks)
+    parent = repo_path(args.out)
+    parent.mkdir(parents=True, exist_ok=True)
+    study, why = (None, "--fresh") if args.fresh else find_unfinished_study(parent, options)
+    state = read_state(study) if study else None
+    if study is None:
+        study = create_unique_dir(parent, timestamp())
+        state = {"options": options, "done": {}}
+        atomic_write_json(study / STATE_FILE, state)
+        print(f"New study ({why}); run it again with the same options to resume it, FRESH=1 (--fresh) for a new one")
+    else:
+        print(why.capitalize())
     parameters = {"QUICK": bool(args.quick), "OUT_DIR": str(study)}
     if args.model is not None:
         parameters["MODEL"] = args.model
@@ -119,10 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Study folder: {study}", flush=True)
     for i, notebook in enumerate(notebooks, 1):
         output = study / notebook.name
+        if notebook.name in state["done"]:
+            print(f"[{i}/{len(notebooks)}] {notebook.stem} ... done before, skipped", flush=True)
+            continue
+        kept = keep_interrupted_copy(output)
         print(f"[{i}/{len(notebooks)}] {notebook.stem} ...", end=" ", flush=True)
+        if kept:
+            print(f"(again; the interrupted copy is {kept.name})", end=" ", flush=True)
         start = time.perf_counter()
         try:
             run_notebook(notebook, output, parameters)
+        except KeyboardInterrupt:
+            print("INTERRUPTED")
+            print(f"Stopped in {notebook.name}; run the same command again to resume the study in {study} "
+                  "(FRESH=1 / --fresh starts a new one)")
+            return 130
         except PapermillExecutionError as err:
             print(f"FAILED in {describe_failure(notebook, err)}: {err.ename}: {err.evalue}")
             print(f"Notebook {notebook.name} failed; the executed notebook with the traceback is {output}")
@@ -131,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED: {type(err).__name__}: {err}")
             print(f"Notebook {notebook.name} failed; what ran is in {output}")
             return 1
-        print(f"ok in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds = time.perf_counter() - start
+        state["done"][notebook.name] = round(seconds, 1)
+        atomic_write_json(study / STATE_FILE, state)
+        print(f"ok in {seconds:.1f} s", flush=True)
     print(f"All {len(notebooks)} notebooks ran; results in {study}")
     return 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import nbformat
@@ -69,7 +70,9 @@ def test_study_runs_in_order_injects_parameters_and_stops_at_the_failing_cell(no
     [run] = list_runs(study)
     assert run.path.parent == study and run.name.startswith("01_ok-")
     assert run.config["params"] == {"QUICK": True, "MODEL": "tiny", "SEED": 5}
-    assert sorted(p.name for p in study.iterdir() if p.is_file()) == ["01_ok.ipynb", "02_fail.ipynb", "seen.json"]
+    assert sorted(p.name for p in study.iterdir() if p.is_file()) == ["01_ok.ipynb", "02_fail.ipynb", "seen.json",
+                                                                      "study.json"]
+    assert list(json.loads((study / "study.json").read_text())["done"]) == ["01_ok.ipynb"]  # 02 failed: not done
 
     executed = nbformat.read(study / "01_ok.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
@@ -93,6 +96,43 @@ def test_only_selects_notebooks_and_model_and_seed_are_injected_only_when_given(
     with pytest.raises(SystemExit, match="No notebooks named like"):
         run_study.main(["--notebooks", str(tmp_path), "--out", str(out)])
     assert len(list(out.iterdir())) == 1  # no study folder for a study that could not start
+
+
+def test_a_rerun_reuses_the_unfinished_study_of_the_same_options_and_fresh_or_other_options_do_not(
+        notebooks, tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params: calls.append((nb.name, params)))
+    out = tmp_path / "runs"
+    base = ["--notebooks", str(notebooks), "--out", str(out), "--quick", "1"]
+    assert run_study.main(base) == 0
+    [study] = list(out.iterdir())
+    state = json.loads((study / "study.json").read_text())
+    state["done"].pop("02_fail.ipynb")  # as if 02 had been interrupted
+    (study / "study.json").write_text(json.dumps(state))
+    (study / "02_fail.ipynb").write_text("partial")
+    calls.clear()
+    assert run_study.main(base) == 0
+    printed = capsys.readouterr().out
+    assert calls == [("02_fail.ipynb", {"QUICK": True, "OUT_DIR": str(study)})]
+    assert "[1/2] 01_ok ... done before, skipped" in printed and "interrupted copy is 02_fail.interrupted-1.ipynb" \
+        in printed
+    assert (study / "02_fail.interrupted-1.ipynb").read_text() == "partial"  # kept, not overwritten
+    assert run_study.main(base) == 0 and len(list(out.iterdir())) == 2  # that study finished: a new one
+    assert "finished" in capsys.readouterr().out
+    assert run_study.main([*base, "--fresh"]) == 0 and len(list(out.iterdir())) == 3
+    state = json.loads((max(out.iterdir()) / "study.json").read_text())
+    state["done"] = {}
+    (max(out.iterdir()) / "study.json").write_text(json.dumps(state))
+    assert run_study.main([*base[:-1], "0"]) == 0 and len(list(out.iterdir())) == 4  # other options: a new one
+    assert "other options (quick)" in capsys.readouterr().out
+
+
+def test_make_study_passes_fresh_through():
+    made = subprocess.run(["make", "-n", "study", "FRESH=1", "QUICK=1", "MODEL=tiny"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert "--fresh" in made.stdout and "--model tiny" in made.stdout, made.stdout + made.stderr
+    made = subprocess.run(["make", "-n", "study"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert "run_study.py" in made.stdout and "--fresh" not in made.stdout
 
 
 def test_two_notebooks_in_one_folder_run_at_once(tmp_path):
