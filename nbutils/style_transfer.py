@@ -3,14 +3,18 @@ match a content image at one layer and the Gram matrices of a style image at sev
 
 The VGG-19 feature stack is torchvision's ``vgg19().features`` layout, written in plain torch, so its published
 weights (``vgg19-dcbe5a78.pth``) load into it unchanged. Without them a seeded random network stands in: random
-conv nets also capture texture (Ustyuzhaninov et al. 2017; He, Wang & Hopcroft 2016).
+conv nets also capture texture (Ustyuzhaninov et al. 2017; He, Wang & Hopcroft 2016). Any frozen conv stack can
+stand in through a ``FeatureStack`` (its layer names, input scaling and default layers): ``vgg19_stack`` and
+``toy_attribute_stack`` (the toy evaluators' convolutions). ``stylise_batch`` optimises a batch of images at once,
+``gram_distance`` measures how far an image's style is from a reference.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +51,38 @@ VGG19_LAYERS = {name: index for index, name in enumerate(_layer_names())}
 Gatys et al. name layers as Caffe does, where ``conv4_2`` holds the rectified response: that is ``relu4_2`` here."""
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 """The paper's style layers (equally weighted); its content layer is ``relu4_2``."""
+
+
+@dataclass(frozen=True)
+class FeatureStack:
+    """A frozen conv stack that NST reads features from: ``net``'s modules run in order, ``layers`` names module
+    indices, images in [0, 1] are normalised with ``mean`` and ``std`` first; ``content_layer`` and
+    ``style_layers`` are its defaults for ``stylise``. ``name`` says which network it is in messages and tables."""
+
+    net: nn.Sequential
+    layers: Mapping[str, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    content_layer: str
+    style_layers: tuple[str, ...]
+    name: str
+
+
+def vgg19_stack(net: nn.Sequential, name: str = "VGG-19") -> FeatureStack:
+    """``net`` from ``vgg19_features`` as a ``FeatureStack``: ImageNet normalisation, the paper's layers."""
+    return FeatureStack(net, VGG19_LAYERS, IMAGENET_MEAN, IMAGENET_STD, "relu4_2", STYLE_LAYERS, name)
+
+
+def toy_attribute_stack(attribute_net: nn.Module) -> FeatureStack:
+    """The convolutions of the toy evaluators' ``ToyAttributeNet`` (``body``: 4 blocks of a stride-2 conv, group
+    norm, SiLU, conv, SiLU) as a ``FeatureStack``: layers ``conv{b}_1``, ``norm{b}_1``, ``act{b}_1``, ``conv{b}_2``,
+    ``act{b}_2`` for blocks b = 1..4 (64 px in: 32, 16, 8 and 4 px maps), its own [-1, 1] input scaling; content
+    ``act3_2``, style ``act1_1`` ... ``act4_1``, as VGG's first activation of each block."""
+    blocks = (len(attribute_net.body) - 2) // 5  # the last two modules pool and flatten
+    layers = {f"{kind}{b}_{i}": 5 * (b - 1) + k for b in range(1, blocks + 1)
+              for k, (kind, i) in enumerate((("conv", 1), ("norm", 1), ("act", 1), ("conv", 2), ("act", 2)))}
+    return FeatureStack(attribute_net.body[: 5 * blocks], layers, (0.5,) * 3, (0.5,) * 3, f"act{blocks - 1}_2",
+                        tuple(f"act{b}_1" for b in range(1, blocks + 1)), "toy attribute net")
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -127,35 +163,78 @@ def _read_features(path: Path) -> dict[str, torch.Tensor]:
     return features
 
 
-def extract(net: nn.Sequential, image: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Features of ``image`` at the named layers (``VGG19_LAYERS``): ``{name: (B, C, H', W')}`` in network order.
+def _as_stack(net: nn.Sequential | FeatureStack) -> FeatureStack:
+    return net if isinstance(net, FeatureStack) else vgg19_stack(net)
 
-    ``image`` is ``(B, 3, H, W)`` RGB in [0, 1] on the net's device; it is normalised with ImageNet's mean and std
-    here. The net runs only as far as the deepest layer asked for.
+
+def extract(net: nn.Sequential | FeatureStack, image: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Features of ``image`` at the named layers: ``{name: (B, C, H', W')}`` in network order.
+
+    ``net`` is a ``FeatureStack`` or a bare ``vgg19_features`` network (layer names ``VGG19_LAYERS``). ``image`` is
+    ``(B, 3, H, W)`` RGB in [0, 1] on the net's device; it is normalised with the stack's mean and std here (VGG:
+    ImageNet's). The net runs only as far as the deepest layer asked for.
     """
+    stack = _as_stack(net)
     wanted: dict[int, str] = {}
     for name in layers:
-        if name not in VGG19_LAYERS:
-            raise ValueError(f"unknown VGG-19 layer {name!r}: use conv1_1 ... relu5_4 or pool1 ... pool5")
-        wanted[VGG19_LAYERS[name]] = name
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+        if name not in stack.layers:
+            first, *_, last = stack.layers
+            raise ValueError(f"unknown {stack.name} layer {name!r}: use one of {first} ... {last} "
+                             "(FeatureStack.layers)")
+        wanted[stack.layers[name]] = name
+    mean = torch.tensor(stack.mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(stack.std, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
     x = (image - mean) / std
     out = {}
-    for index, module in enumerate(net[: max(wanted) + 1]):
+    for index, module in enumerate(stack.net[: max(wanted) + 1]):
         x = module(x)
         if index in wanted:
             out[wanted[index]] = x
     return out
 
 
+def gram_distance(net: nn.Sequential | FeatureStack, images: Sequence[Image.Image], reference: Image.Image,
+                  layers: Sequence[str] | None = None) -> list[float]:
+    """Per image, the style loss ``stylise`` minimises with weight 1: the mean over ``layers`` (default: the
+    stack's style layers) of the MSE between its Gram matrices and ``reference``'s, the reference resized (aspect
+    kept) so its longer side matches the image's. Lower is closer in style; images must share one size."""
+    stack = _as_stack(net)
+    layers = tuple(layers or stack.style_layers)
+    param = next(stack.net.parameters())
+    reference = _fit(reference, images[0].size)
+    with torch.no_grad():
+        feats = extract(stack, torch.cat([_to_tensor(im) for im in images]).to(param), layers)
+        target = {k: gram_matrix(f) for k, f in extract(stack, _to_tensor(reference).to(param), layers).items()}
+        weights = {k: 1.0 / len(layers) for k in layers}
+        return [style_loss({k: f[b : b + 1] for k, f in feats.items()}, target, weights).item()
+                for b in range(len(images))]
+
+
+def _fit(style: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``style`` resized, aspect kept, so that its longer side matches the longer side of ``size``."""
+    k = max(size) / max(style.size)
+    return style.resize((max(1, round(style.width * k)), max(1, round(style.height * k))), Image.Resampling.LANCZOS)
+
+
 def stylise(
     content: Image.Image,
     style: Image.Image,
-    net: nn.Sequential,
+    net: nn.Sequential | FeatureStack,
+    **options,
+) -> tuple[Image.Image, dict[str, list[float]]]:
+    """``stylise_batch`` for one image: ``content`` painted in the manner of ``style``; returns the image and its
+    loss history (see ``stylise_batch`` for the options)."""
+    images, history = stylise_batch([content], [style], net, **options)
+    return images[0], history
+
+
+def stylise_batch(
+    contents: Sequence[Image.Image],
+    styles: Sequence[Image.Image],
+    net: nn.Sequential | FeatureStack,
     *,
-    content_layer: str = "relu4_2",
-    style_layers: tuple[str, ...] = STYLE_LAYERS,
+    content_layer: str | None = None,
+    style_layers: Sequence[str] | None = None,
     content_weight: float = 1.0,
     style_weight: float = 1e6,
     steps: int = 300,
@@ -164,33 +243,46 @@ def stylise(
     seed: int = 0,
     init: str = "content",
     progress: bool = True,
-) -> tuple[Image.Image, dict[str, list[float]]]:
-    """Paint ``content`` in the manner of ``style``: the image's pixels are the only parameter.
+) -> tuple[list[Image.Image], dict[str, list[float]]]:
+    """Paint each of ``contents`` in the manner of its style image: the images' pixels are the only parameters.
 
-    Minimises ``content_weight * content_loss`` at ``content_layer`` plus ``style_weight * style_loss`` over
-    ``style_layers`` (equal weights summing to 1) with ``optimizer`` "lbfgs" (``torch.optim.LBFGS``: one iteration
-    per step with a strong-Wolfe line search, 2-3 loss evaluations; ``lr`` default 1.0) or "adam" (one evaluation
-    per step; ``lr`` default 0.05, in pixel units of [0, 1]); pixels are clamped to [0, 1] after each step. It
-    starts from the content image (``init="content"``) or from uniform noise drawn with ``seed``
-    (``init="noise"``); the same arguments give the same pixels.
+    ``styles`` holds one style image for all or one per content image; the content images share one size and are
+    optimised together as one batch. Each image's loss is ``content_weight * content_loss`` at ``content_layer``
+    plus ``style_weight * style_loss`` over ``style_layers`` (equal weights summing to 1); the defaults are the
+    stack's (VGG-19: ``relu4_2`` and ``STYLE_LAYERS``). The optimizer minimises the sum of the images' losses with
+    ``optimizer`` "lbfgs" (``torch.optim.LBFGS``: one iteration per step with a strong-Wolfe line search, 2-3 loss
+    evaluations; ``lr`` default 1.0; its line search is shared by the batch, so a batch's images differ a little
+    from one-at-a-time runs) or "adam" (one evaluation per step; ``lr`` default 0.05, in pixel units of [0, 1];
+    per pixel, so the batch changes nothing but float rounding); pixels are clamped to [0, 1] after each step. It
+    starts from the content images (``init="content"``) or from uniform noise drawn with ``seed`` for the whole
+    batch (``init="noise"``); the same arguments give the same pixels.
 
-    Returns the RGB image at ``content``'s size and ``{"content", "style", "total"}``: the weighted losses of the
-    image after 0, 1, ..., ``steps`` steps (``total = content + style``; the last entry is the returned image's).
-    The style image is resized, aspect kept, so its longer side matches the content's. If a loss becomes NaN or
-    infinite, it stops with a warning and returns the last image whose loss was finite.
+    Returns the RGB images at the content size and ``{"content", "style", "total"}``: the weighted losses, mean
+    over the batch, after 0, 1, ..., ``steps`` steps (``total = content + style``; the last entry is the returned
+    images'). A style image is resized, aspect kept, so its longer side matches the content's. If a loss becomes
+    NaN or infinite, it stops with a warning and returns the last images whose losses were finite.
     """
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer={optimizer!r}: use 'lbfgs' or 'adam'")
     if init not in ("content", "noise"):
         raise ValueError(f"init={init!r}: use 'content' or 'noise'")
+    if len(styles) not in (1, len(contents)):
+        raise ValueError(f"{len(styles)} style images for {len(contents)} content images: give one, or one each")
+    if len({im.size for im in contents}) != 1:
+        raise ValueError(f"the content images differ in size ({sorted({im.size for im in contents})}): resize "
+                         "them to one size, or stylise them one at a time")
+    stack = _as_stack(net)
+    content_layer = content_layer or stack.content_layer
+    style_layers = tuple(style_layers or stack.style_layers)
     lr = lr if lr is not None else {"lbfgs": 1.0, "adam": 0.05}[optimizer]
-    param = next(net.parameters())
-    target = _to_tensor(content).to(param)
-    k = max(content.size) / max(style.size)
-    style = style.resize((max(1, round(style.width * k)), max(1, round(style.height * k))), Image.Resampling.LANCZOS)
+    param = next(stack.net.parameters())
+    n = len(contents)
+    target = torch.cat([_to_tensor(im) for im in contents]).to(param)
+    style_batch = torch.cat([_to_tensor(_fit(im, contents[0].size)) for im in styles]).to(param)
     with torch.no_grad():
-        content_target = extract(net, target, [content_layer])[content_layer]
-        grams = {name: gram_matrix(f) for name, f in extract(net, _to_tensor(style).to(param), style_layers).items()}
+        content_target = extract(stack, target, [content_layer])[content_layer]
+        grams = {name: gram_matrix(f).expand(n, -1, -1)
+                 for name, f in extract(stack, style_batch, style_layers).items()}
     layer_weights = {name: 1.0 / len(style_layers) for name in style_layers}
 
     if init == "content":
@@ -205,22 +297,25 @@ def stylise(
     evaluations: list[tuple[float, float]] = []
 
     def measure() -> torch.Tensor:
-        """The weighted loss terms of ``x`` appended to ``evaluations``, their gradient into ``x.grad``."""
+        """The batch's summed loss, its gradient into ``x.grad``; the mean terms appended to ``evaluations``."""
         opt.zero_grad()
-        feats = extract(net, x, (content_layer, *style_layers))
-        c = content_weight * content_loss(feats[content_layer], content_target)
-        s = style_weight * style_loss(feats, grams, layer_weights)
-        (c + s).backward()
-        evaluations.append((c.item(), s.item()))
-        return c + s
+        feats = extract(stack, x, (content_layer, *style_layers))
+        c = content_weight * torch.stack([content_loss(feats[content_layer][b : b + 1],
+                                                       content_target[b : b + 1]) for b in range(n)])
+        s = style_weight * torch.stack([style_loss({k: feats[k][b : b + 1] for k in style_layers},
+                                                   {k: grams[k][b : b + 1] for k in style_layers}, layer_weights)
+                                        for b in range(n)])
+        (c + s).sum().backward()
+        evaluations.append((c.mean().item(), s.mean().item()))
+        return (c + s).sum()
 
     history: dict[str, list[float]] = {"content": [], "style": [], "total": []}
     good = x.detach().clone()
-    bar = tqdm(total=steps, desc="stylise", disable=not progress)
+    bar = tqdm(total=steps, desc=f"stylise {n} image{'s' if n > 1 else ''}", disable=not progress)
     for step in range(steps + 1):
-        image = x.detach().clone()  # the image after `step` steps: the first evaluation below measures it
+        images = x.detach().clone()  # the images after `step` steps: the first evaluation below measures them
         if step == steps:
-            measure()  # the final image is measured, not moved
+            measure()  # the final images are measured, not moved
         elif optimizer == "lbfgs":
             opt.step(measure)  # measures, then its line search evaluates one or more trial images
         else:
@@ -231,7 +326,7 @@ def stylise(
         if not math.isfinite(c + s):
             _warn_not_finite(step, steps, c + s, lr, content_weight, style_weight)
             break
-        good = image
+        good = images
         for key, value in zip(("content", "style", "total"), (c, s, c + s)):
             history[key].append(value)
         with torch.no_grad():
@@ -240,7 +335,7 @@ def stylise(
             bar.update(1)
             bar.set_postfix(loss=f"{c + s:.3g}")
     bar.close()
-    return _to_image(good), history
+    return [_to_image(good[b : b + 1]) for b in range(n)], history
 
 
 def _warn_not_finite(step: int, steps: int, loss: float, lr: float, content_weight: float,

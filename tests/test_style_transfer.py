@@ -20,12 +20,16 @@ from nbutils.style_transfer import (
     VGG19_LAYERS,
     content_loss,
     extract,
+    gram_distance,
     gram_matrix,
     load_style_image,
     style_loss,
     stylise,
+    stylise_batch,
+    toy_attribute_stack,
     vgg19_features,
 )
+from nbutils.toy_evaluators import ToyAttributeNet
 from nbutils.toyworld import TOY_SUBJECT, portraits, render, with_fields
 
 # torchvision's vgg19().features: a 3x3 conv (padding 1) + ReLU per conv, a 2x2 max pool after each block
@@ -293,6 +297,43 @@ def test_bad_choices_are_named(net, content, style):
         stylise(content, style, net, optimizer="sgd")
     with pytest.raises(ValueError, match="init='white': use 'content' or 'noise'"):
         stylise(content, style, net, init="white")
+
+
+def test_a_batch_under_adam_paints_each_image_as_alone(net, content, style):
+    other = render(with_fields(next(portraits(3, 1, identity=TOY_SUBJECT)), style="photo"), 32)
+    both, history = stylise_batch([content, other], [style], net, steps=3, optimizer="adam", progress=False)
+    alone = [stylise(im, style, net, steps=3, optimizer="adam", progress=False) for im in (content, other)]
+    for batched, (single, _) in zip(both, alone):  # Adam acts per pixel: only float rounding differs
+        assert np.abs(np.asarray(batched, float) - np.asarray(single, float)).max() <= 1
+    np.testing.assert_allclose(history["style"], np.mean([h["style"] for _, h in alone], axis=0), rtol=1e-4)
+    with pytest.raises(ValueError, match="2 style images for 3 content images"):
+        stylise_batch([content] * 3, [style] * 2, net)
+    with pytest.raises(ValueError, match="the content images differ in size"):
+        stylise_batch([content, content.resize((16, 16))], [style], net)
+
+
+def test_toy_attribute_stack_names_the_attribute_nets_layers():
+    attribute_net = ToyAttributeNet().eval().requires_grad_(False)  # random weights: only the layout matters here
+    stack = toy_attribute_stack(attribute_net)
+    assert (stack.content_layer, stack.style_layers) == ("act3_2", ("act1_1", "act2_1", "act3_1", "act4_1"))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    feats = extract(stack, x, ["act4_1", "act1_1", "act3_2"])
+    assert {k: tuple(f.shape) for k, f in feats.items()} == {"act1_1": (2, 32, 32, 32), "act3_2": (2, 128, 8, 8),
+                                                            "act4_1": (2, 128, 4, 4)}
+    body = attribute_net.body
+    torch.testing.assert_close(feats["act1_1"], body[2](body[1](body[0]((x - 0.5) / 0.5))))  # its own scaling
+    full = attribute_net.body[:20]((x - 0.5) / 0.5)
+    torch.testing.assert_close(extract(stack, x, ["act4_2"])["act4_2"], full)
+    with pytest.raises(ValueError, match="unknown toy attribute net layer 'relu4_2'"):
+        extract(stack, x, ["relu4_2"])
+
+
+def test_gram_distance_is_the_unweighted_style_loss(net, content, style):
+    far, near = gram_distance(net, [content, style], style)
+    assert near < 1e-12 < 1e-6 * far  # its own style: zero up to float rounding in a batch
+    feats = extract(net, _to_tensor(content), STYLE_LAYERS)
+    grams = {k: gram_matrix(f) for k, f in extract(net, _to_tensor(style), STYLE_LAYERS).items()}
+    assert far == pytest.approx(style_loss(feats, grams, {k: 0.2 for k in STYLE_LAYERS}).item(), rel=1e-5)
 
 
 # --- the style image ------------------------------------------------------------------------------------------
