@@ -326,6 +326,15 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     return None
 
 
+def _remove_unfinished_writes(run: Run) -> None:
+    """Delete the hidden ``.step-*`` folders of checkpoint writes that a killed process never renamed (they can be
+    as large as a checkpoint, a UNet on DreamBooth); only ``save_checkpoint`` makes them, and never reads them."""
+    folder = run.path / "artifacts" / "checkpoints"
+    for tmp in sorted(folder.glob(".step-*")) if folder.is_dir() else ():
+        print(f"removing {tmp.name}: a checkpoint write that was interrupted before it completed")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def resume_problem(run: Run) -> str | None:
     """Why ``train`` cannot resume ``run`` from its newest checkpoint (``checkpoint_problem``), or ``None`` (no
     checkpoint yet is no problem: training starts at step 1 in that folder)."""
@@ -362,10 +371,11 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
 
     If the run folder already holds checkpoints, training continues from the newest one (``resume=True``) and
     ends with the same weights as an uninterrupted run; ``resume=False`` refuses such a folder. Resuming drops the
-    series points logged after that checkpoint (those steps run again) and calls the callbacks once more at the
-    checkpoint's step, since the interrupted process may have died inside them: make them skip a step they already
-    recorded, as ``CheckpointEvaluator`` does. ``callbacks(step, method, run)`` run every ``cfg.sample_every``
-    steps and at every checkpoint (for sample grids and evaluation). Raises ``TrainingDiverged`` on a NaN/inf loss.
+    series points logged after that checkpoint (those steps run again) and the hidden folders of checkpoint writes
+    that never completed, and calls the callbacks once more at the checkpoint's step, since the interrupted process
+    may have died inside them: make them skip a step they already recorded, as ``CheckpointEvaluator`` does.
+    ``callbacks(step, method, run)`` run every ``cfg.sample_every`` steps and at every checkpoint (for sample grids
+    and evaluation). Raises ``TrainingDiverged`` on a NaN/inf loss.
     """
     began, callback_s = time.perf_counter(), 0.0  # training time: this call's, callbacks excluded
     images, captions = _check_dataset(dataset)
@@ -403,8 +413,9 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
         spent = earlier_s + time.perf_counter() - began - callback_s
         return save_checkpoint(run, method, step, optimizer, lr_scheduler, scaler, cfg, train_s=spent)
 
+    run.truncate_series(start)  # a reused folder: what was logged after its checkpoint is trained again
+    _remove_unfinished_writes(run)
     if start:
-        run.truncate_series(start)
         run_callbacks(start)
     num_timesteps = method.noise_scheduler.config.num_train_timesteps
     losses = []

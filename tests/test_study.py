@@ -207,6 +207,37 @@ def test_train_and_log_excludes_only_the_evaluation_during_training(tiny_ref, su
     assert {k: run.metrics[k] for k in costs} == costs
 
 
+def test_a_resumed_run_keeps_its_recorded_scores_and_grid_without_sampling_them_again(tiny_ref, subject, tmp_run_dir,
+                                                                                     monkeypatch):
+    """Training finished but the notebook died before its end: running it again (a new evaluator, the same run)
+    samples nothing, returns the recorded scores and grid, and logs the earlier training time and the resume step."""
+    from nbutils import study
+
+    setup = eval_setup(tiny_ref, subject.path, seed=0, quick=True, names=("studio",))
+    dataset = with_placeholder(subject.pairs, subject.token, "<sks>")
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, checkpoint_every=1, resolution=32)
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    first = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "<sks> person")
+    first.evaluate(build_tiny_pipeline(seed=0), run, 0, subject_phrase="a person")
+    _, costs = train_and_log(TextualInversion(build_tiny_pipeline(seed=0), "<sks>"), dataset, cfg, run, first)
+    logged = run.metrics["series"]
+
+    sampled = []
+    monkeypatch.setattr(study, "sample_prompts", lambda *a, **k: sampled.append(a) or {})
+    again = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "<sks> person")
+    pipe = build_tiny_pipeline(seed=0)
+    assert again.evaluate(pipe, run, 0, subject_phrase="a person") == first.scores[0] and not sampled
+    result, resumed = train_and_log(TextualInversion(pipe, "<sks>"), dataset, cfg, run, again)
+    assert (result.start_step, result.losses, sampled) == (2, [], [])
+    assert again.scores == {s: json.loads(json.dumps(v)) for s, v in first.scores.items()}  # JSON round trip
+    assert sorted(again.grid) == [0, 1, 2]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for s in again.grid for a, b in
+               zip(again.grid[s], first.grid[s]))
+    assert run.metrics["series"] == logged  # nothing logged twice, nothing lost
+    assert resumed["resumed_from_step"] == 2 and resumed["train_s"] >= result.earlier_s > 0
+    assert "resumed_from_step" not in costs
+
+
 def test_reference_run_must_exist_and_share_the_evaluation(tmp_run_dir, tiny_ref):
     setup = eval_setup(tiny_ref, "d", seed=0, quick=True)
     with pytest.raises(FileNotFoundError, match="No run of notebooks/02_textual_inversion.ipynb"):
