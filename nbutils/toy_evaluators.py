@@ -6,6 +6,8 @@ They stand in for the real tier's measuring instruments with the same interfaces
   style). Its identity heads give the **identity embedder** (stands in for a face-recognition model); its scene and
   style heads are the scene/style classifiers; its pooled features feed FID/KID and its style logits the Inception
   Score.
+- ``ToyFaceDetector``: finds a person in the picture (stands in for a face detector), so that identity is not read
+  from an image with nobody in it.
 - The **toy CLIP** is a ``transformers.CLIPModel`` folder (``data/models/toy-clip``) loaded like any CLIP.
 
 Images enter as PIL images or ``(N, 3, H, W)`` float tensors in [0, 1]; they are resized to 64 x 64.
@@ -27,6 +29,8 @@ from nbutils.toyworld import IDENTITY_FIELDS, LABEL_SIZES
 
 EVALUATOR_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "toy-evaluators"
 TOY_CLIP_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "toy-clip"
+ATTRIBUTE_FILE = "attribute_net.safetensors"
+DETECTOR_FILE = "face_detector.safetensors"
 SIZE = 64
 
 
@@ -83,23 +87,47 @@ class StyleLogitsNet(nn.Module):
         return self.net(to_batch(x))["style"]
 
 
+class ToyFaceDetector(nn.Module):
+    """Is there a toy-world person in the picture? ``(N, 3, 64, 64)`` in [0, 1] -> ``(N,)`` logits (> 0: a face).
+
+    It stands in for the real tier's face detector (dlib's), which finds no face in an abstract image, so that the
+    identity heads, which read only the colours and shapes of six traits, are never asked about a picture without
+    a person. Trained on renders of every identity against pictures in which nobody is drawn
+    (``scripts/train_toy_evaluators.py``).
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout), nn.SiLU()]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - 0.5) / 0.5).squeeze(1)
+
+
 @dataclass
 class ToyIdentityEmbedder:
     """Identity embedding = the identity heads' class probabilities, concatenated and L2-normalised.
 
     Two images of the same identity score a cosine near 1; differing in one of the six traits costs about 1/6.
-    The toy world always draws a face, so 'face found' is always True.
+    'Face found' is the ``ToyFaceDetector``'s verdict, as a face detector's is on the real tier.
     """
 
     net: ToyAttributeNet
+    detector: ToyFaceDetector
     name: str = "toy-identity"
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, D)`` float32 L2-normalised embeddings (D = 19) and ``(N,)`` bool 'face found'."""
-        logits = self.net(to_batch(images))
-        probs = torch.cat([logits[k].softmax(-1) for k in IDENTITY_FIELDS], dim=1)
-        return F.normalize(probs, dim=1), torch.ones(len(probs), dtype=torch.bool)
+        """``(N, D)`` float32 L2-normalised embeddings (D = 19) and ``(N,)`` bool 'face found'; no face -> zeros."""
+        x = to_batch(images)
+        logits = self.net(x)
+        probs = F.normalize(torch.cat([logits[k].softmax(-1) for k in IDENTITY_FIELDS], dim=1), dim=1)
+        found = self.detector(x) > 0
+        return torch.where(found[:, None], probs, 0.0), found
 
 
 @dataclass
@@ -120,11 +148,12 @@ class ToyEvaluators:
 
 def load_toy_evaluators(folder: Path = EVALUATOR_DIR, clip_folder: Path = TOY_CLIP_DIR) -> ToyEvaluators:
     """Load the trained toy evaluators (safetensors); a clear error if they have not been trained yet."""
-    weights = Path(folder) / "attribute_net.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"No toy evaluators at {folder}: run `make toy-model` to train them.")
-    net = ToyAttributeNet()
-    net.load_state_dict(load_file(weights))
-    net.eval().requires_grad_(False)
-    return ToyEvaluators(net=net, identity=ToyIdentityEmbedder(net), feature_net=FeatureNet(net).eval(),
+    net, detector = ToyAttributeNet(), ToyFaceDetector()
+    for module, file in [(net, ATTRIBUTE_FILE), (detector, DETECTOR_FILE)]:
+        weights = Path(folder) / file
+        if not weights.exists():
+            raise FileNotFoundError(f"No {file} in {folder}: run `make toy-evaluators` to train the toy evaluators.")
+        module.load_state_dict(load_file(weights))
+        module.eval().requires_grad_(False)
+    return ToyEvaluators(net=net, identity=ToyIdentityEmbedder(net, detector), feature_net=FeatureNet(net).eval(),
                          logits_net=StyleLogitsNet(net).eval(), clip_ref=str(clip_folder))

@@ -367,17 +367,21 @@ def _stylise(img: Image.Image, style: str, rng: random.Random) -> Image.Image:
     raise ValueError(f"unknown style {style!r}; choose one of {STYLES}")
 
 
-def render(p: Portrait, size: int = 64) -> Image.Image:
-    """Draw ``p`` as an RGB image of ``size x size`` pixels (drawn at 4x and downsampled)."""
+def render(p: Portrait, size: int = 64, *, person: bool = True) -> Image.Image:
+    """Draw ``p`` as an RGB image of ``size x size`` pixels (drawn at 4x and downsampled).
+
+    ``person=False`` draws the scene and style alone, with nobody in it (a picture in which no face can be found).
+    """
     s = 4 * size
     rng = random.Random(p.seed)
     img = Image.new("RGB", (s, s))
     _background(ImageDraw.Draw(img), p.scene, s, rng)
-    fig = _figure(p, s)
-    fig = fig.rotate(p.tilt, resample=Image.Resampling.BICUBIC, center=(s / 2, s * 0.5))
-    side = int(s * p.scale)
-    fig = fig.resize((side, side), Image.Resampling.BICUBIC)
-    img.paste(fig, (int((s - side) / 2 + p.dx * s), int((s - side) / 2 + p.dy * s + (s - side) / 2)), fig)
+    if person:
+        fig = _figure(p, s)
+        fig = fig.rotate(p.tilt, resample=Image.Resampling.BICUBIC, center=(s / 2, s * 0.5))
+        side = int(s * p.scale)
+        fig = fig.resize((side, side), Image.Resampling.BICUBIC)
+        img.paste(fig, (int((s - side) / 2 + p.dx * s), int((s - side) / 2 + p.dy * s + (s - side) / 2)), fig)
     img = _stylise(img, p.style, rng)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 

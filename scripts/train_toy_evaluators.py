@@ -3,10 +3,14 @@
 1. ``data``       render portraits of all identities, the held-out traits included (purple hair, star mark);
 2. ``attributes`` train ``ToyAttributeNet`` (identity traits, expression, scene, style), with blur and noise so it
                   also reads the softer images a diffusion model draws;
-3. ``clip``       train a small ``transformers.CLIPModel`` contrastively on the captions -> ``data/models/toy-clip``;
-4. ``subject``    render each toy subject's 5 training photos (256 px) into ``data/subjects/<name>``
+3. ``detector``   train ``ToyFaceDetector``: those portraits against ``non_portraits`` (pictures with nobody in them);
+4. ``clip``       train a small ``transformers.CLIPModel`` contrastively on the captions -> ``data/models/toy-clip``;
+5. ``subject``    render each toy subject's 5 training photos (256 px) into ``data/subjects/<name>``
                   (``toyworld.SUBJECTS``: ``toy``, the notebooks' default, and ``toy-val``, for choosing recipes);
-5. ``report``     accuracies on fresh renders -> ``data/models/toy-evaluators/accuracy.json``.
+6. ``report``     accuracies on fresh renders, and how often the detector finds a face on fresh renders and on fresh
+                  non-portraits -> ``data/models/toy-evaluators/accuracy.json``.
+
+Stages 2-4 run only when their output is missing (delete one to retrain it).
 """
 from __future__ import annotations
 
@@ -22,13 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from nbutils import toyworld
 from nbutils.clip_bpe import VOCAB_SIZE, clip_tokenizer
-from nbutils.toy_evaluators import EVALUATOR_DIR, SIZE, TOY_CLIP_DIR, ToyAttributeNet, load_toy_evaluators
+from nbutils.toy_evaluators import (ATTRIBUTE_FILE, DETECTOR_FILE, EVALUATOR_DIR, SIZE, TOY_CLIP_DIR, ToyAttributeNet,
+                                    ToyFaceDetector, load_toy_evaluators)
 from train_toy import replace_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +84,77 @@ def train_attributes(images: np.ndarray, labels: dict[str, torch.Tensor], steps:
         x = _augment(torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 255, g)
         logits = net(x)
         loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in logits)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return net.eval()
+
+
+def _non_portrait(seed: int) -> np.ndarray:
+    """One picture with nobody in it, (64, 64, 3) uint8; its kind is ``seed % 3`` (see ``non_portraits``)."""
+    rng = random.Random(seed)
+    kind = seed % 3
+    if kind == 0:
+        return np.asarray(toyworld.render(toyworld.random_portrait(rng), SIZE, person=False))
+    if kind == 1:
+        img = Image.new("RGB", (4 * SIZE, 4 * SIZE), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randint(1, 6)):
+            x, y = rng.uniform(0, 4 * SIZE), rng.uniform(0, 4 * SIZE)
+            w, h = rng.uniform(10, 2 * SIZE), rng.uniform(10, 2 * SIZE)
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([x - w, y - h, x + w, y + h], fill=tuple(rng.randrange(256) for _ in range(3)))
+        return np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 8))).resize((SIZE, SIZE)))
+    cells = rng.choice([2, 4, 8, 16])
+    noise = np.random.default_rng(seed).integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(noise).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+
+
+def non_portraits(seed: int, n: int) -> np.ndarray:
+    """``n`` pictures with nobody in them, ``(n, 64, 64, 3)`` uint8: the toy face detector's negatives.
+
+    A third each: the world's scenes and styles left empty; abstract pictures of one to six random colour shapes;
+    smooth random noise.
+    """
+    seeds = [seed * 1_000_003 + k for k in range(n)]
+    with Pool(os.cpu_count()) as pool:
+        imgs = list(tqdm(pool.imap(_non_portrait, seeds, chunksize=64), total=n, desc=f"non-portraits seed {seed}"))
+    return np.stack(imgs)
+
+
+def _wash(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``_augment`` plus what a diffusion model's softest drawings do to a portrait, on ``(B, 3, 64, 64)`` in [0, 1]:
+    blur by up to 4x down-up sampling, contrast pulled towards the image mean or towards white (to 30 %), and for
+    half the images the colour channels permuted (so that no hue, the subject's purple hair included, is a cue)."""
+    b = len(x)
+    permuted = x[:, torch.randperm(3, generator=g)]
+    x = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.5, permuted, x)
+    factor = [0.25, 0.5][int(torch.randint(0, 2, (1,), generator=g))]
+    soft = F.interpolate(F.interpolate(x, scale_factor=factor, mode="bilinear", antialias=True), size=x.shape[-2:],
+                         mode="bilinear")
+    x = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.3, soft, x)
+    pivot = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.5, x.mean(dim=(1, 2, 3), keepdim=True), 1.0)
+    contrast = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.5, 0.3 + 0.7 * torch.rand(b, 1, 1, 1, generator=g), 1.0)
+    return _augment(pivot + contrast * (x - pivot), g)
+
+
+def train_detector(portraits: np.ndarray, negatives: np.ndarray, steps: int, seed: int) -> ToyFaceDetector:
+    """Binary cross-entropy, batches of 64 portraits + 64 non-portraits, both softened alike by ``_wash`` (so that
+    softness is no cue), AdamW."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = ToyFaceDetector()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    target = torch.cat([torch.ones(64), torch.zeros(64)])
+    bar = tqdm(range(steps), desc="face detector")
+    for _ in bar:
+        pos = portraits[torch.randint(0, len(portraits), (64,), generator=g).numpy()]
+        neg = negatives[torch.randint(0, len(negatives), (64,), generator=g).numpy()]
+        x = _wash(torch.from_numpy(np.concatenate([pos, neg])).permute(0, 3, 1, 2).float() / 255, g)
+        loss = F.binary_cross_entropy_with_logits(net(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -159,6 +236,9 @@ def report(seed: int, n: int, evaluators: Path, clip: Path) -> dict:
     labels = _labels(ps)
     pred = ev.predict(x)
     acc = {k: (pred[k] == labels[k]).float().mean().item() for k in labels}
+    empty = torch.from_numpy(non_portraits(seed, n)).permute(0, 3, 1, 2).float() / 255
+    faces = {"portraits": ev.identity.embed(x)[1].float().mean().item(),
+             "non_portraits": ev.identity.embed(empty)[1].float().mean().item()}
     model = CLIPModel.from_pretrained(clip).eval()
     proc = CLIPProcessor.from_pretrained(clip)
     captions = [p.caption() for p in ps]
@@ -171,7 +251,15 @@ def report(seed: int, n: int, evaluators: Path, clip: Path) -> dict:
         others = rng.choice(np.delete(np.arange(n), i), 9, replace=False)
         sims = img_emb[i] @ txt_emb[np.concatenate([[i], others])].T
         hits += int(sims.argmax() == 0)
-    return {"n_fresh_renders": n, "seed": seed, "accuracy": acc, "clip_caption_rank1_of_10": hits / n}
+    return {"n_fresh_renders": n, "seed": seed, "accuracy": acc, "face_found": faces,
+            "clip_caption_rank1_of_10": hits / n}
+
+
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    """``module``'s state dict as safetensors at ``path``, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(module.state_dict(), path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def main() -> None:
@@ -179,6 +267,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--attr-steps", type=int, default=1500)
+    ap.add_argument("--detector-steps", type=int, default=1200)
+    ap.add_argument("--non-portraits", type=int, default=4000, help="negatives for the face detector")
     ap.add_argument("--clip-steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--evaluators-out", type=Path, default=EVALUATOR_DIR)
@@ -191,8 +281,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    weights = args.evaluators_out / "attribute_net.safetensors"
-    if not weights.exists() or not (args.clip_out / "config.json").exists():
+    weights, detector = args.evaluators_out / ATTRIBUTE_FILE, args.evaluators_out / DETECTOR_FILE
+    if not weights.exists() or not detector.exists() or not (args.clip_out / "config.json").exists():
         cache = args.work / "eval-images.npy"
         if not cache.exists():
             images, ps = render_set(args.seed, args.images)
@@ -203,11 +293,12 @@ def main() -> None:
         ps = list(toyworld.portraits(args.seed, args.images, held_out=True))
         print(f"data: {time.time() - t0:.0f} s", flush=True)
     if not weights.exists():
-        net = train_attributes(images, _labels(ps), args.attr_steps, args.seed)
-        args.evaluators_out.mkdir(parents=True, exist_ok=True)
-        save_file(net.state_dict(), weights.with_suffix(".tmp"))
-        os.replace(weights.with_suffix(".tmp"), weights)
+        _save_weights(train_attributes(images, _labels(ps), args.attr_steps, args.seed), weights)
     print(f"attributes: {time.time() - t0:.0f} s", flush=True)
+    if not detector.exists():
+        negatives = non_portraits(args.seed, args.non_portraits)
+        _save_weights(train_detector(images, negatives, args.detector_steps, args.seed), detector)
+    print(f"detector: {time.time() - t0:.0f} s", flush=True)
     if not (args.clip_out / "config.json").exists():
         save_clip(train_clip(images, ps, args.clip_steps, args.seed), args.clip_out)
     print(f"clip: {time.time() - t0:.0f} s", flush=True)

@@ -275,9 +275,10 @@ def test_toy_suite_end_to_end(monkeypatch, tiny_clip_dir):
     import nbutils.toy_evaluators as toy
 
     torch.manual_seed(SEED)
-    net = toy.ToyAttributeNet(width=8).eval()
-    untrained = toy.ToyEvaluators(net, toy.ToyIdentityEmbedder(net), toy.FeatureNet(net), toy.StyleLogitsNet(net),
-                                  str(tiny_clip_dir))
+    net, detector = toy.ToyAttributeNet(width=8).eval(), toy.ToyFaceDetector(width=4).eval()
+    torch.nn.init.constant_(detector.body[-1].bias, 100.0)  # an untrained detector that finds a face everywhere
+    untrained = toy.ToyEvaluators(net, toy.ToyIdentityEmbedder(net, detector), toy.FeatureNet(net),
+                                  toy.StyleLogitsNet(net), str(tiny_clip_dir))
     monkeypatch.setattr(toy, "load_toy_evaluators", lambda: untrained)
     suite = metrics.suite_for_tier("toy")
     assert suite.image_size == toy.SIZE and suite.clip.name == str(tiny_clip_dir)

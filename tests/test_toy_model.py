@@ -1,4 +1,5 @@
 """The toy tier's parts: SD1.5's tokenizer, SD-shaped modules, and the shipped pipeline folder when present."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,13 @@ from nbutils import toy_model
 from nbutils import toyworld as tw
 from nbutils.clip_bpe import VOCAB_SIZE, clip_tokenizer
 from nbutils.metrics import identity_similarity, psnr_db
-from nbutils.sampling import autoencode
-from nbutils.toy_evaluators import EVALUATOR_DIR, TOY_CLIP_DIR, load_toy_evaluators
+from nbutils.models import tier_defaults
+from nbutils.sampling import autoencode, generate
+from nbutils.toy_evaluators import DETECTOR_FILE, EVALUATOR_DIR, TOY_CLIP_DIR, load_toy_evaluators
 
 TOY_DIR = Path(toy_model.__file__).resolve().parents[1] / "data" / "models" / "toy-sd"
+needs_evaluators = pytest.mark.skipif(not (EVALUATOR_DIR / DETECTOR_FILE).exists(),
+                                      reason="toy evaluators not trained yet")
 
 
 def test_tokenizer_matches_stable_diffusion():
@@ -82,7 +86,7 @@ def test_shipped_toy_model_conditions_on_the_toy_clips_frozen_text_tower():
     assert te.keys() == tower.keys() and all(torch.equal(te[k], tower[k]) for k in te)
 
 
-@pytest.mark.skipif(not (EVALUATOR_DIR / "attribute_net.safetensors").exists(), reason="toy evaluators not trained yet")
+@needs_evaluators
 def test_shipped_evaluators_read_fresh_renders():
     """On 200 renders never seen in training (seed 5), every identity/scene/style head is >= 95 % right."""
     ev = load_toy_evaluators()
@@ -113,6 +117,20 @@ def test_toy_clip_ranks_the_true_caption_first():
     assert hits >= 90
 
 
+@needs_evaluators
+def test_shipped_face_detector_finds_every_portrait_and_nobody_in_empty_pictures():
+    """On 300 fresh renders of every identity (seed 5) it finds a face on >= 99 %; on 300 fresh pictures with nobody
+    in them (``non_portraits``, seed 5: empty scenes, colour shapes, noise) on <= 2 %."""
+    sys.path.insert(0, str(TOY_DIR.parents[2] / "scripts"))
+    from train_toy_evaluators import non_portraits
+
+    ev = load_toy_evaluators()
+    _, found = ev.identity.embed([tw.render(p, 64) for p in tw.portraits(5, 300, held_out=True)])
+    assert found.float().mean() >= 0.99
+    _, found = ev.identity.embed(torch.from_numpy(non_portraits(5, 300)).permute(0, 3, 1, 2).float() / 255)
+    assert found.float().mean() <= 0.02
+
+
 def _subject_photos(name):
     folder = TOY_DIR.parents[1] / "subjects" / name
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
@@ -125,7 +143,7 @@ def toy_pipe():
     return StableDiffusionPipeline.from_pretrained(TOY_DIR, use_safetensors=True)
 
 
-@pytest.mark.skipif(not (EVALUATOR_DIR / "attribute_net.safetensors").exists(), reason="toy evaluators not trained yet")
+@needs_evaluators
 @pytest.mark.parametrize("name", sorted(tw.SUBJECTS))
 def test_toy_autoencoder_can_draw_each_subject(name, toy_pipe):
     """The ceiling of every method: the VAE's round trip of a subject's 5 photos keeps identity >= 0.95, and the
@@ -144,3 +162,19 @@ def test_toy_autoencoder_reconstructs_fresh_renders_of_every_trait(toy_pipe):
     """PSNR >= 24 dB on 256 fresh renders drawn from every trait value (the unnamed ones included)."""
     renders = [tw.render(p, 64) for p in tw.portraits(11, 256, held_out=True)]
     assert psnr_db(autoencode(toy_pipe, renders), renders) >= 24
+
+
+@needs_evaluators
+def test_base_model_draws_people_but_not_the_subject_from_its_description(toy_pipe):
+    """The toy base model cannot be asked for the subject: prompted with the subject's full description (16 seeds)
+    it scores identity <= 0.60 against the photos, while the face detector still finds a person in >= 90 % of its
+    samples of "a photo of a person" (so the low score is not the detector rejecting everything it draws)."""
+    ev = load_toy_evaluators()
+    defaults = tier_defaults("toy")
+    kwargs = dict(steps=defaults.inference_steps, guidance_scale=defaults.guidance_scale, batch_size=16,
+                  progress=False)
+    seeds = list(range(16))
+    described = generate(toy_pipe, f"a photo of {tw.TOY_SUBJECT.describe()}", seeds, **kwargs)
+    assert identity_similarity(described, _subject_photos("toy"), ev.identity)["identity"] <= 0.60
+    people = generate(toy_pipe, "a photo of a person", seeds, **kwargs)
+    assert ev.identity.embed(people)[1].float().mean() >= 0.9

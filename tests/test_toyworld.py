@@ -20,6 +20,14 @@ def test_render_size_and_mode():
     assert img.size == (64, 64) and img.mode == "RGB"
 
 
+def test_render_without_the_person_keeps_the_scene_and_leaves_the_face_out():
+    """``person=False`` (the face detector's empty scenes): the same background, nobody in the middle."""
+    p = tw.with_fields(next(tw.portraits(2, 1)), scene="beach", style="photo", dx=0.0, dy=0.0, scale=1.0, tilt=0.0)
+    full, empty = (np.asarray(tw.render(p, 64, person=person)).astype(int) for person in (True, False))
+    assert np.abs(full[:8, :8] - empty[:8, :8]).max() <= 2  # the sky in the corner
+    assert np.abs(full[24:36, 26:38] - empty[24:36, 26:38]).mean() > 40  # the face
+
+
 def test_portraits_show_the_unnamed_traits_only_when_asked():
     ps = list(tw.portraits(0, 2000))
     assert not any(p.identity.hair_colour == "purple" or p.identity.mark == "star" for p in ps)
