@@ -17,7 +17,7 @@ OPEN_CLIP := open-clip-torch==3.3.0
 # noise, keep everything else (pipefail keeps pip's exit status).
 PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: venv study test toy-model toy-evaluators clean-venv
+.PHONY: venv study portrait test toy-model toy-evaluators clean-venv
 
 venv: $(VENV)/.ready
 
@@ -36,6 +36,15 @@ $(VENV)/.ready:
 study: venv
 	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) \
 		$(if $(ONLY),--only $(ONLY)) $(if $(filter 1,$(FRESH)),--fresh)
+
+# `make portrait PHOTOS=data/me SCENE="on the beach" STYLE=watercolor METHOD=auto ROUTE=prompt`: notebook 08 in one
+# papermill call, into its own run folder under runs/ (defaults: the tier's demo subject; see the README).
+portrait: venv
+	$(PY) scripts/make_portrait.py --quick $(QUICK) $(if $(PHOTOS),--photos "$(PHOTOS)") \
+		$(if $(SCENE),--scene "$(SCENE)") $(if $(STYLE),--style "$(STYLE)") $(if $(METHOD),--method "$(METHOD)") \
+		$(if $(ROUTE),--route "$(ROUTE)") $(if $(STYLE_IMAGE),--style-image "$(STYLE_IMAGE)") \
+		$(if $(MODEL),--model "$(MODEL)") $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") \
+		$(if $(filter 1,$(ALLOW_TOY_PHOTOS)),--allow-toy-photos 1)
 
 test: venv
 	$(PY) -m pytest

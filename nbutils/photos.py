@@ -103,6 +103,19 @@ def is_drawn_subject(folder: Path | None) -> bool:
     return folder is not None and folder.resolve().parent == TOY_SUBJECTS_DIR.resolve()
 
 
+def toy_tier_note(folder: Path | None, tier: str) -> str | None:
+    """What to say before training on real photos with a CPU model: on the ``"toy"`` and ``"tiny"`` tiers, for a
+    folder that is not a drawn toy subject (``is_drawn_subject``), a plain warning that the model draws cartoons and
+    cannot learn a real face, with the two ways on; ``None`` otherwise (the drawn subjects, the real tier)."""
+    if tier not in ("toy", "tiny") or folder is None or is_drawn_subject(folder):
+        return None
+    return (f"{folder} holds real photos, but the {tier} model draws 64 px cartoons of its toy world and cannot "
+            "learn a real face: the photos are prepared and training runs, yet the result will not look like you. "
+            "Two ways on: (1) the demo subject that this model can learn: SUBJECT_DIR / PHOTOS = "
+            "'data/subjects/toy' (or move data/me away), or (2) Stable Diffusion 1.5 on a GPU: MODEL='sd15' on a "
+            "CUDA machine, or open the notebook in Colab with its badge and choose a GPU runtime.")
+
+
 def load_photos(folder: str | Path, *, min_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> PhotoReport:
     """Read every photo in ``folder`` (not its subfolders) and check it; the folder is never modified.
 

@@ -90,8 +90,9 @@ def describe_failure(notebook: Path, err: PapermillExecutionError) -> str:
     return f"cell {number} (In [{err.exec_count}]: {first_line})"
 
 
-def run_notebook(notebook: Path, output: Path, parameters: dict) -> None:
-    """Execute ``notebook`` into ``output`` with ``parameters``, in the notebook's folder, with this Python."""
+def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=None) -> None:
+    """Execute ``notebook`` into ``output`` with ``parameters``, in the notebook's folder, with this Python.
+    ``stdout_file``: a writable object that receives the cells' printed output as it comes (``None``: none)."""
     papermill.execute_notebook(
         notebook,
         output,
@@ -101,6 +102,7 @@ def run_notebook(notebook: Path, output: Path, parameters: dict) -> None:
         progress_bar=False,
         cwd=notebook.parent,
         kernel_manager_class=CurrentInterpreterKernelManager,
+        stdout_file=stdout_file,
     )
 
 
