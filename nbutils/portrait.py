@@ -190,12 +190,6 @@ def check_inputs(
         except (FileNotFoundError, ValueError) as err:
             raise PortraitInputError(f"STYLE_IMAGE: {err}") from None
     subject_dir = subject_folder(photos, tier)
-    notes = []
-    note = toy_tier_note(subject_dir, tier)
-    if note:
-        if not allow_toy_photos:
-            raise PortraitInputError(note + " (To train on them anyway: ALLOW_TOY_PHOTOS=True.)")
-        notes.append(note)
     min_side = min(256, resolution)
     try:
         if subject_dir is None:
@@ -203,8 +197,17 @@ def check_inputs(
                                         min_side=min_side)
         else:
             report = load_photos(subject_dir, min_side=min_side)
-        faces = crop_subjects(report.kept, resolution, "face", detect=not is_drawn_subject(subject_dir))
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        raise PortraitInputError(f"PHOTOS={photos!r}: {err}") from None
+    notes = []
+    note = toy_tier_note(subject_dir, tier)
+    if note:
+        if not allow_toy_photos:
+            raise PortraitInputError(note + " (To train on them anyway: ALLOW_TOY_PHOTOS=True.)")
+        notes.append(note)
+    try:
+        faces = crop_subjects(report.kept, resolution, "face", detect=not is_drawn_subject(subject_dir))
+    except ValueError as err:
         raise PortraitInputError(f"PHOTOS={photos!r}: {err}") from None
     return Inputs(subject_dir, report, faces, request, checked_style, notes + list(request.notes))
 
