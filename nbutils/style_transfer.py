@@ -203,8 +203,8 @@ def gram_distance(net: nn.Sequential | FeatureStack, images: Sequence[Image.Imag
     param = next(stack.net.parameters())
     reference = _fit(reference, images[0].size)
     with torch.no_grad():
-        feats = extract(stack, torch.cat([_to_tensor(im) for im in images]).to(param), layers)
-        target = {k: gram_matrix(f) for k, f in extract(stack, _to_tensor(reference).to(param), layers).items()}
+        feats = extract(stack, torch.cat([to_tensor(im) for im in images]).to(param), layers)
+        target = {k: gram_matrix(f) for k, f in extract(stack, to_tensor(reference).to(param), layers).items()}
         weights = {k: 1.0 / len(layers) for k in layers}
         return [style_loss({k: f[b : b + 1] for k, f in feats.items()}, target, weights).item()
                 for b in range(len(images))]
@@ -277,8 +277,8 @@ def stylise_batch(
     lr = lr if lr is not None else {"lbfgs": 1.0, "adam": 0.05}[optimizer]
     param = next(stack.net.parameters())
     n = len(contents)
-    target = torch.cat([_to_tensor(im) for im in contents]).to(param)
-    style_batch = torch.cat([_to_tensor(_fit(im, contents[0].size)) for im in styles]).to(param)
+    target = torch.cat([to_tensor(im) for im in contents]).to(param)
+    style_batch = torch.cat([to_tensor(_fit(im, contents[0].size)) for im in styles]).to(param)
     with torch.no_grad():
         content_target = extract(stack, target, [content_layer])[content_layer]
         grams = {name: gram_matrix(f).expand(n, -1, -1)
@@ -362,7 +362,7 @@ def load_style_image(path: str | Path, *, min_side: int = 64, max_pixels: int = 
     return image
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> ``(1, 3, H, W)`` float32 RGB in [0, 1]."""
     pixels = torch.tensor(np.asarray(to_rgb(image)), dtype=torch.float32) / 255
     return pixels.permute(2, 0, 1)[None].contiguous()
