@@ -39,12 +39,13 @@ study: venv
 
 # `make portrait PHOTOS=data/me SCENE="on the beach" STYLE=watercolor METHOD=auto ROUTE=prompt`: notebook 08 in one
 # papermill call, into its own run folder under runs/ (defaults: the tier's demo subject; see the README).
+PORTRAIT_ARGS = $(if $(PHOTOS),--photos "$(PHOTOS)") $(if $(SCENE),--scene "$(SCENE)") \
+	$(if $(STYLE),--style "$(STYLE)") $(if $(METHOD),--method "$(METHOD)") $(if $(ROUTE),--route "$(ROUTE)") \
+	$(if $(STYLE_IMAGE),--style-image "$(STYLE_IMAGE)") $(if $(MODEL),--model "$(MODEL)") \
+	$(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") $(if $(filter 1,$(ALLOW_TOY_PHOTOS)),--allow-toy-photos 1)
+
 portrait: venv
-	$(PY) scripts/make_portrait.py --quick $(QUICK) $(if $(PHOTOS),--photos "$(PHOTOS)") \
-		$(if $(SCENE),--scene "$(SCENE)") $(if $(STYLE),--style "$(STYLE)") $(if $(METHOD),--method "$(METHOD)") \
-		$(if $(ROUTE),--route "$(ROUTE)") $(if $(STYLE_IMAGE),--style-image "$(STYLE_IMAGE)") \
-		$(if $(MODEL),--model "$(MODEL)") $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") \
-		$(if $(filter 1,$(ALLOW_TOY_PHOTOS)),--allow-toy-photos 1)
+	$(PY) scripts/make_portrait.py --quick $(QUICK) $(strip $(PORTRAIT_ARGS))
 
 test: venv
 	$(PY) -m pytest

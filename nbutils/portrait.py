@@ -444,7 +444,7 @@ def contact_sheet(photos: Sequence[Image.Image], starts: Sequence[Image.Image], 
     rows.append(list(candidates))
     labels.append("candidates")
     rows.append([candidates[chosen]])
-    labels.append(f"chosen: seed {seeds[chosen]}")
+    labels.append(f"chosen\nseed {seeds[chosen]}")
     fig = image_grid(rows, row_labels=labels, title=title, cell=1.4)
     axes = fig.axes
     ncols = max(len(r) for r in rows)
