@@ -110,7 +110,7 @@ def toy_tier_note(folder: Path | None, tier: str) -> str | None:
     if tier not in ("toy", "tiny") or folder is None or is_drawn_subject(folder):
         return None
     return (f"{folder} holds real photos, but the {tier} model draws 64 px cartoons of its toy world and cannot "
-            "learn a real face: the photos are prepared and training runs, yet the result will not look like you. "
+            "learn a real face: training on them would run, yet its pictures would not look like you. "
             "Two ways on: (1) the demo subject that this model can learn: SUBJECT_DIR / PHOTOS = "
             "'data/subjects/toy' (or move data/me away), or (2) Stable Diffusion 1.5 on a GPU: MODEL='sd15' on a "
             "CUDA machine, or open the notebook in Colab with its badge and choose a GPU runtime.")

@@ -203,7 +203,7 @@ def check_inputs(
     note = toy_tier_note(subject_dir, tier)
     if note:
         if not allow_toy_photos:
-            raise PortraitInputError(note + " (To train on them anyway: ALLOW_TOY_PHOTOS=True.)")
+            raise PortraitInputError(note + " (To train on them anyway: ALLOW_TOY_PHOTOS=True, or make portrait ALLOW_TOY_PHOTOS=1.)")
         notes.append(note)
     try:
         faces = crop_subjects(report.kept, resolution, "face", detect=not is_drawn_subject(subject_dir))
