@@ -203,7 +203,8 @@ def check_inputs(
     note = toy_tier_note(subject_dir, tier)
     if note:
         if not allow_toy_photos:
-            raise PortraitInputError(note + " (To train on them anyway: ALLOW_TOY_PHOTOS=True, or make portrait ALLOW_TOY_PHOTOS=1.)")
+            raise PortraitInputError(f"{note} (To train on them anyway: ALLOW_TOY_PHOTOS=True, or make portrait "
+                                     "ALLOW_TOY_PHOTOS=1.)")
         notes.append(note)
     try:
         faces = crop_subjects(report.kept, resolution, "face", detect=not is_drawn_subject(subject_dir))
@@ -314,6 +315,33 @@ def named_run(out_dir: str | Path, method: str, fingerprint: str, *, model: str,
     selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=())
     run = selection.runs.get(method)
     return run if run is not None and _references_fingerprint(run) == fingerprint else None
+
+
+def choose_source(
+    out_dir: str | Path, method: str, fingerprint: str, *, model: str, quick: bool, seed: int
+) -> tuple[str, Run | None, list[str]]:
+    """``(method, run to reuse or None, notes)`` for ``METHOD``: ``"auto"`` is ``pareto_choice``, else
+    ``DEFAULT_METHOD`` to train (a note says so); a method name is ``named_run``; a run folder is that run. A named
+    method without a run of these photos that this notebook cannot train (not in ``TRAINABLE``) raises
+    ``PortraitInputError`` naming its notebook, before any training."""
+    if method == "auto":
+        chosen, run, notes = pareto_choice(out_dir, fingerprint, model=model, quick=quick, seed=seed)
+        if run is None:
+            notes.append(f"No evaluated method run of these photos in {out_dir}: the default, "
+                         f"{label(DEFAULT_METHOD)}.")
+            return DEFAULT_METHOD, None, notes
+        return chosen, run, notes
+    if method in METHODS:
+        run = named_run(out_dir, method, fingerprint, model=model, quick=quick, seed=seed)
+        if run is None and method not in TRAINABLE:
+            raise PortraitInputError(f"No finished {label(method)} run of these photos in {out_dir}: run "
+                                     f"notebooks/{METHODS[method][1]}_*.ipynb on them first (or make study), or set "
+                                     f"METHOD='auto' or '{DEFAULT_METHOD}' (trained here).")
+        return method, run, []
+    from nbutils.runs import load_run
+
+    run = load_run(method)
+    return run.method or run.config["params"].get("METHOD", ""), run, [f"METHOD names the run {run.path}."]
 
 
 # --------------------------------------------------------------------------------------------------- candidates
@@ -469,7 +497,14 @@ def portrait_summary(row: dict, evaluation_identity: float | None, request: Scen
     return out
 
 
-def mean_identity(scores: Sequence[dict]) -> float:
-    """The candidates' mean identity."""
-    return float(np.mean([row["identity"] for row in scores]))
+def result_line(summary: dict, seconds: float) -> str:
+    """The one line ``make portrait`` ends with: identity (and its floor), scene and style seen, time in s."""
+    floor = summary.get("identity_floor")
+    line = f"[portrait] identity {summary['identity']:.3f}" + (f" (floor {floor:.3f})" if floor is not None else "")
+    if "scene_seen" in summary:
+        line += (f", scene {summary['scene_seen']} (asked {summary['scene_asked']}), style {summary['style_seen']} "
+                 f"(asked {summary['style_asked']})")
+    else:
+        line += f", scene cosine {summary.get('scene_cos')}, style cosine {summary.get('style_cos')}"
+    return line + f"; {seconds:.0f} s in all"
 
