@@ -214,7 +214,13 @@ def study(tmp_path_factory):
     try:
         wait_for(lambda: list(out.glob("*/02_textual_inversion-*/artifacts/checkpoints/step-*")), 240,
                  "notebook 02's first checkpoint")
+        held = [p for p in psutil.Process(first.pid).children(recursive=True)
+                if "ipykernel_launcher" in " ".join(p.cmdline())]
+        for kernel in held:  # hold the kernel mid-notebook, so that however busy the CPU the Ctrl-C lands in 02
+            kernel.suspend()
         os.killpg(first.pid, signal.SIGINT)
+        for kernel in held:
+            kernel.resume()
         printed_first = first.communicate(timeout=120)[0]
     finally:
         if first.poll() is None:

@@ -234,7 +234,8 @@ def test_a_resumed_run_keeps_its_recorded_scores_and_grid_without_sampling_them_
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for s in again.grid for a, b in
                zip(again.grid[s], first.grid[s]))
     assert run.metrics["series"] == logged  # nothing logged twice, nothing lost
-    assert resumed["resumed_from_step"] == 2 and resumed["train_s"] >= result.earlier_s > 0
+    assert resumed["resumed_from_step"] == 2 and result.earlier_s > 0
+    assert resumed["train_s"] >= round(result.earlier_s, 1)  # costs are logged to 0.1 s
     assert "resumed_from_step" not in costs
 
 
