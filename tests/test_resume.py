@@ -209,8 +209,10 @@ def study(tmp_path_factory):
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "run_study.py"), "--quick", "1", "--model", "tiny",
            "--only", "01,02", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+    # give the runner the terminal's default, as when a person presses Ctrl-C
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: list(out.glob("*/02_textual_inversion-*/artifacts/checkpoints/step-*")), 240,
                  "notebook 02's first checkpoint")
