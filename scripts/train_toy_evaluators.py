@@ -22,12 +22,14 @@ import time
 from dataclasses import asdict
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -73,17 +75,26 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def train_attributes(images: np.ndarray, labels: dict[str, torch.Tensor], steps: int, seed: int) -> ToyAttributeNet:
     """Multi-head cross-entropy on all attributes, batch 64, AdamW."""
+    def batch_loss(net: ToyAttributeNet, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (64,), generator=g)
+        logits = net(_augment(torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 255, g))
+        return sum(F.cross_entropy(logits[k], labels[k][idx]) for k in logits)
+
+    return _fit(ToyAttributeNet, batch_loss, steps, seed, "attributes")
+
+
+def _fit(make_net: Callable[[], nn.Module], batch_loss: Callable[[nn.Module, torch.Generator], torch.Tensor],
+         steps: int, seed: int, desc: str) -> nn.Module:
+    """``steps`` AdamW steps (lr 2e-3, one-cycle schedule, weight decay 1e-4) of ``batch_loss(net, g)`` on a net
+    built by ``make_net`` under ``torch.manual_seed(seed)``; ``g``, seeded with ``seed``, draws the batches."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = ToyAttributeNet()
+    net = make_net()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    bar = tqdm(range(steps), desc="attributes")
+    bar = tqdm(range(steps), desc=desc)
     for _ in bar:
-        idx = torch.randint(0, len(images), (64,), generator=g)
-        x = _augment(torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 255, g)
-        logits = net(x)
-        loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in logits)
+        loss = batch_loss(net, g)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -143,24 +154,15 @@ def _wash(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_detector(portraits: np.ndarray, negatives: np.ndarray, steps: int, seed: int) -> ToyFaceDetector:
     """Binary cross-entropy, batches of 64 portraits + 64 non-portraits, both softened alike by ``_wash`` (so that
     softness is no cue), AdamW."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net = ToyFaceDetector()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     target = torch.cat([torch.ones(64), torch.zeros(64)])
-    bar = tqdm(range(steps), desc="face detector")
-    for _ in bar:
+
+    def batch_loss(net: ToyFaceDetector, g: torch.Generator) -> torch.Tensor:
         pos = portraits[torch.randint(0, len(portraits), (64,), generator=g).numpy()]
         neg = negatives[torch.randint(0, len(negatives), (64,), generator=g).numpy()]
         x = _wash(torch.from_numpy(np.concatenate([pos, neg])).permute(0, 3, 1, 2).float() / 255, g)
-        loss = F.binary_cross_entropy_with_logits(net(x), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return net.eval()
+        return F.binary_cross_entropy_with_logits(net(x), target)
+
+    return _fit(ToyFaceDetector, batch_loss, steps, seed, "face detector")
 
 
 def toy_clip_config() -> CLIPConfig:
