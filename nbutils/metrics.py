@@ -6,14 +6,20 @@
 * **CLIP-T / CLIP-I** (DreamBooth's text and image fidelity): mean cosine of CLIP embeddings, reported as raw cosines
   in [-1, 1], *not* in the ``100 * max(cos, 0)`` CLIPScore convention. Any ``CLIPModel`` by hub id or local folder.
 * **FID / KID / IS** through torchmetrics with an injected feature network (the toy evaluator's on the toy tier).
+* **Uncertainty**: ``bootstrap_ci``, a percentile bootstrap interval of a mean over images.
+* **Success rate** (toy tier): the share of images in which the attribute net reads the subject's true identity
+  and the scene and style the prompt asked for (``success_per_image``); with the subject's true identity known,
+  FID/KID compare with fresh renders of it (``toy_reference_renders``) instead of the training photos.
 
 ``evaluate_images`` is the one call a method notebook makes per checkpoint; ``suite_for_tier`` builds its models.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -30,13 +36,18 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
+from nbutils import toyworld
 from nbutils.faces import centre_crop, detect_faces, face_model_path
 from nbutils.models import ModelUnavailable, Tier
-from nbutils.prompts import strip_subject
+from nbutils.prompts import strip_subject, toy_request
 
 REAL_CLIP = "openai/clip-vit-base-patch32"
 BATCH = 32  # images per forward pass of a CLIP or feature network
 NoFaceRule = Literal["zero", "skip"]
+BOOTSTRAP_RESAMPLES = 1000  # resamples of bootstrap_ci in evaluate_images
+AttributeReader = Callable[[Sequence[Image.Image]], Mapping[str, torch.Tensor]]
+"""images -> ``{attribute: (N,) int64}``, the index of each predicted value in ``toyworld``'s value lists
+(``toyworld.Portrait.labels``' order): the toy attribute net (``ToyEvaluators.predict``)."""
 
 
 # --------------------------------------------------------------------------------------------------- identity
@@ -122,6 +133,16 @@ def _identity_scores(
         "n_reference_faces": int(ref_found.sum()),
         "rule": rule,
     }
+
+
+def _identity_per_image(
+    gen: torch.Tensor, gen_found: torch.Tensor, ref: torch.Tensor, ref_found: torch.Tensor, rule: NoFaceRule
+) -> list[float | None]:
+    """Each generated image's mean cosine to the reference faces; an image without a face scores 0.0 (``"zero"``)
+    or ``None`` (``"skip"``), so the mean of the values that are not ``None`` is ``_identity_scores``' identity."""
+    cos = (gen @ ref[ref_found].T).mean(dim=1).tolist()
+    missing = 0.0 if rule == "zero" else None
+    return [c if found else missing for c, found in zip(cos, gen_found.tolist())]
 
 
 def identity_similarity(
@@ -326,6 +347,94 @@ def distribution_metrics(
     return result
 
 
+# --------------------------------------------------------------------------------------------------- uncertainty
+def bootstrap_ci(
+    values: Sequence[float], *, seed: int = 0, n_resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95
+) -> list[float] | None:
+    """Percentile bootstrap interval ``[low, high]`` of the mean of ``values`` (e.g. one score per image).
+
+    Draws ``n_resamples`` samples of ``len(values)`` values with replacement (numpy, seeded by ``seed``), takes each
+    one's mean and returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means: for
+    ``level=0.95`` the 2.5 % and 97.5 % points. The interval says how far the mean could move if the same number of
+    images were drawn again; it narrows as ``1 / sqrt(n)`` and is ``[v, v]`` when every value is ``v``. ``None``
+    for no values. A list, so it goes into JSON as it is.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return None
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), not {level}")
+    picks = np.random.default_rng(seed).integers(0, x.size, size=(n_resamples, x.size))
+    low, high = np.quantile(x[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]
+
+
+# --------------------------------------------------------------------------------------------------- toy truth
+def _asked_labels(truth: toyworld.Identity, request: Mapping[str, str]) -> dict[str, int]:
+    """The class index of every attribute a success needs: the identity traits (``truth`` with the prompt's
+    changes, e.g. red hair), the style, and the scene if the prompt names one."""
+    labels = toyworld.with_fields(toyworld.Portrait(truth), **request).labels()
+    keep = (*toyworld.IDENTITY_FIELDS, "style", *(["scene"] if "scene" in request else []))
+    return {k: labels[k] for k in keep}
+
+
+def success_per_image(
+    predicted: Mapping[str, torch.Tensor], found: torch.Tensor, truth: toyworld.Identity,
+    requests: Sequence[Mapping[str, str] | None],
+) -> list[bool | None]:
+    """Per image: "is it me, where I asked, in the style I asked" (toy tier).
+
+    ``predicted``: the attribute net's ``{attribute: (N,) int64}`` (an ``AttributeReader``); ``found``: (N,) bool,
+    a face found (the suite's face detector); ``truth``: the subject's true identity; ``requests``: per image its
+    prompt's ``nbutils.prompts.toy_request``. ``True`` where a face is found, every identity trait is read as
+    ``truth``'s (with the prompt's own changes, e.g. ``hair_colour`` for "with red long hair") and the style and
+    the scene equal the prompt's (any scene when the prompt names none; the expression is not checked);
+    ``None`` where the request is ``None`` (not a toy-world prompt).
+    """
+    out: list[bool | None] = []
+    for i, request in enumerate(requests):
+        if request is None:
+            out.append(None)
+            continue
+        asked = _asked_labels(truth, request)
+        out.append(bool(found[i]) and all(int(predicted[k][i]) == v for k, v in asked.items()))
+    return out
+
+
+def toy_reference_renders(
+    truth: toyworld.Identity, requests: Sequence[Mapping[str, str]], counts: Sequence[int], *, size: int, seed: int
+) -> list[Image.Image]:
+    """Fresh renders of the subject as the prompts ask, the toy tier's FID/KID reference set.
+
+    ``counts[j]`` renders for ``requests[j]`` (a ``toy_request``), in that order: ``truth`` with the request's
+    changes, in its style and scene; a scene the prompt leaves open takes the five ``toyworld.SCENES`` in turn.
+    Pose, expression (unless asked) and texture are random, drawn from ``seed``: the same renders for the same
+    arguments. RGB images of ``size`` x ``size`` pixels. Every checkpoint of a run asks for the same set, so the
+    latest few are kept in memory (drawing 48 takes about 1 s on one CPU core).
+    """
+    if len(requests) != len(counts):
+        raise ValueError(f"{len(requests)} requests but {len(counts)} counts; give one count per request")
+    frozen = tuple(tuple(sorted(r.items())) for r in requests)
+    return list(_renders(truth, frozen, tuple(counts), size, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _renders(truth: toyworld.Identity, requests: tuple, counts: tuple[int, ...], size: int,
+             seed: int) -> tuple[Image.Image, ...]:
+    rng = random.Random(seed)
+    out = []
+    for request, n in zip(requests, counts):
+        for k in range(n):
+            changes = {"scene": toyworld.SCENES[k % len(toyworld.SCENES)], **dict(request)}
+            out.append(toyworld.render(toyworld.with_fields(toyworld.random_portrait(rng, truth), **changes), size))
+    return tuple(out)
+
+
+def _mean(values: Sequence[float | bool | None]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 # --------------------------------------------------------------------------------------------------- one call
 @dataclass
 class EvalSuite:
@@ -336,6 +445,7 @@ class EvalSuite:
     feature_net: nn.Module | None = None  # (B, 3, S, S) in [0, 1] -> (B, D) features, for FID/KID
     logits_net: nn.Module | None = None  # (B, 3, S, S) in [0, 1] -> (B, C) logits, for IS
     image_size: int | None = None  # S; None: the nets' own `image_size` attribute
+    attributes: AttributeReader | None = None  # the toy attribute net, for the success rate (toy tier only)
 
 
 def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
@@ -344,7 +454,8 @@ def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
     ``real``: dlib faces + ``openai/clip-vit-base-patch32`` (``None`` with a warning if it cannot be loaded) and no
     FID/KID/IS network: the standard FID Inception weights exist only as a pickled ``.pth`` (via torch-fidelity),
     which this project does not load; set ``suite.feature_net``/``suite.logits_net`` to a network of your choice.
-    ``toy``/``tiny``: the toy evaluators (``nbutils.toy_evaluators``) and the toy CLIP folder.
+    ``toy``/``tiny``: the toy evaluators (``nbutils.toy_evaluators``), their attribute net as ``attributes``, and
+    the toy CLIP folder.
     """
     if tier == "real":
         return EvalSuite(DlibFaceEmbedder(), _optional_clip(REAL_CLIP, device))
@@ -352,7 +463,8 @@ def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
         from nbutils.toy_evaluators import SIZE, load_toy_evaluators  # lazy: needs the trained toy evaluators
 
         toy = load_toy_evaluators()
-        return EvalSuite(toy.identity, _optional_clip(toy.clip_ref, device), toy.feature_net, toy.logits_net, SIZE)
+        return EvalSuite(toy.identity, _optional_clip(toy.clip_ref, device), toy.feature_net, toy.logits_net, SIZE,
+                         attributes=toy.predict)
     raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
 
 
@@ -385,29 +497,54 @@ def evaluate_images(
     class_phrase: str = "a person",
     no_face: NoFaceRule = "zero",
     seed: int = 0,
+    truth: toyworld.Identity | None = None,
 ) -> dict:
     """Every metric of one checkpoint: ``generated`` maps each prompt (with ``subject_phrase`` in it) to its images.
 
     Identity and CLIP-T are given overall and per prompt (``"per_prompt"``); CLIP-T compares each image with its
     prompt after ``strip_subject(prompt, subject_phrase, class_phrase)``. CLIP-I compares generated with reference
-    images. FID/KID compare the references (real) with all generated images, IS scores the generated ones; with a
-    handful of reference photos they are rough, so compare them only between runs with equal set sizes. A metric
-    whose model is missing from ``suite`` is ``None``, with a warning. See ``identity_similarity`` for ``no_face``.
+    images. A metric whose model is missing from ``suite`` is ``None``, with a warning. See ``identity_similarity``
+    for ``no_face``.
+
+    ``truth``: the subject's true toy-world identity (toy tier; ``nbutils.study.SubjectData.identity``), ``None``
+    where it cannot be known (real photos, the real tier). With it, and the suite's attribute net, ``success_rate``
+    is the share of images that ``success_per_image`` counts (the subject, in the prompt's scene and style), over
+    the prompts that ``nbutils.prompts.toy_request`` reads; else ``None``.
+
+    FID/KID compare a reference set (real) with all generated images, IS scores the generated ones. The reference
+    set (``fid_references``): ``"renders"`` when ``truth`` is known and every prompt is a toy-world prompt, one
+    fresh render of the subject per generated image, in its prompt's scene and style (``toy_reference_renders``,
+    drawn from ``seed``), so FID/KID measure how far the images are from the subject drawn as asked;
+    else ``"photos"``, the ``references`` (a handful, so FID/KID are rough: compare them only between runs with
+    equal set sizes).
+
+    Uncertainty: ``identity_ci``/``clip_t_ci`` are 95 % percentile bootstrap intervals (``bootstrap_ci``,
+    ``BOOTSTRAP_RESAMPLES`` resamples seeded by ``seed``) of the mean over the generated images, from
+    ``identity_per_image`` (each image's mean cosine to the reference faces; no face: 0.0 under ``"zero"``, ``None``
+    under ``"skip"``) and ``clip_t_per_image``; ``success_per_image`` holds each image's success (``None``: not a
+    toy-world prompt). The per-image lists run over the prompts in ``generated``'s order, images in their order,
+    so that images of several runs can be pooled.
 
     Returns the keys of ``identity_similarity`` plus ``identity_model``, ``clip_model``, ``clip_t``, ``clip_i``,
-    ``fid``, ``kid_mean``, ``kid_std``, ``is_mean``, ``is_std`` and ``per_prompt``: ``{prompt: {"identity",
-    "detection_rate", "clip_t"}}``.
+    ``identity_ci``, ``clip_t_ci`` (``[low, high]`` or ``None``), ``identity_per_image``, ``clip_t_per_image``
+    (lists of floats, ``None`` without CLIP), ``success_rate`` (in [0, 1] or ``None``), ``success_per_image``
+    (``None`` without a success rate), ``fid``, ``kid_mean``, ``kid_std``, ``fid_references`` (``None`` without
+    FID), ``is_mean``, ``is_std`` and ``per_prompt``: ``{prompt: {"identity", "detection_rate", "clip_t",
+    "success_rate"}}``. Everything is JSON-ready.
     """
     prompts = list(generated)
     class_prompts = [strip_subject(p, subject_phrase, class_phrase) for p in prompts]  # fails early on a typo
     images = [image for prompt in prompts for image in generated[prompt]]
-    bounds = np.cumsum([0] + [len(generated[p]) for p in prompts])
+    counts = [len(generated[p]) for p in prompts]
+    bounds = np.cumsum([0] + counts)
     gen, gen_found = suite.identity.embed(images)
     ref, ref_found = suite.identity.embed(references)
     result: dict = {"identity_model": suite.identity.name, **_identity_scores(gen, gen_found, ref, ref_found, no_face)}
+    identity_per_image = _identity_per_image(gen, gen_found, ref, ref_found, no_face)
+    result["identity_ci"] = bootstrap_ci([v for v in identity_per_image if v is not None], seed=seed)
 
     clip_t = None  # (N_generated,) cosine of each image with its stripped prompt
-    result.update(clip_model=suite.clip.name if suite.clip else None, clip_t=None, clip_i=None)
+    result.update(clip_model=suite.clip.name if suite.clip else None, clip_t=None, clip_i=None, clip_t_ci=None)
     if suite.clip is None:
         warnings.warn("no CLIP model in the suite: CLIP-T and CLIP-I are None", stacklevel=2)
     else:
@@ -416,24 +553,41 @@ def evaluate_images(
         owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.from_numpy(np.diff(bounds)))
         clip_t = (image_feats * text_feats[owner]).sum(dim=-1)
         result["clip_t"] = clip_t.mean().item()
+        result["clip_t_ci"] = bootstrap_ci(clip_t.tolist(), seed=seed)
         result["clip_i"] = (image_feats @ suite.clip.image_features(references).T).mean().item()
+
+    requests = [toy_request(p, subject_phrase) for p in prompts]
+    success = None  # (N_generated,) bool or None per image
+    if truth is not None and suite.attributes is None:
+        warnings.warn("no attribute net in the suite: the success rate is None", stacklevel=2)
+    elif truth is not None:
+        per_image_requests = [r for r, n in zip(requests, counts) for _ in range(n)]
+        success = success_per_image(suite.attributes(images), gen_found, truth, per_image_requests)
+    result.update(success_rate=None if success is None else _mean(success), success_per_image=success)
 
     per_prompt = {}
     for p, a, b in zip(prompts, bounds[:-1], bounds[1:]):
         scores = _identity_scores(gen[a:b], gen_found[a:b], ref, ref_found, no_face)
         per_prompt[p] = {"identity": scores["identity"], "detection_rate": scores["detection_rate"],
-                         "clip_t": None if clip_t is None else clip_t[a:b].mean().item()}
+                         "clip_t": None if clip_t is None else clip_t[a:b].mean().item(),
+                         "success_rate": None if success is None else _mean(success[a:b])}
 
-    result.update(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None)
+    result.update(fid=None, kid_mean=None, kid_std=None, fid_references=None, is_mean=None, is_std=None)
     if suite.feature_net is None:
         warnings.warn("no feature network in the suite (the real tier has none, see suite_for_tier): FID and KID "
                       "are None", stacklevel=2)
     else:
-        result.update(distribution_metrics(references, images, suite.feature_net, image_size=suite.image_size,
+        fid_references, result["fid_references"] = references, "photos"
+        if truth is not None and all(r is not None for r in requests):
+            size = min(images[0].size)
+            fid_references = toy_reference_renders(truth, requests, counts, size=size, seed=seed)
+            result["fid_references"] = "renders"
+        result.update(distribution_metrics(fid_references, images, suite.feature_net, image_size=suite.image_size,
                                            seed=seed))
     if suite.logits_net is None:
         warnings.warn("no logits network in the suite: the Inception Score is None", stacklevel=2)
     else:
         result.update(inception_score(images, suite.logits_net, image_size=suite.image_size, seed=seed))
-    result["per_prompt"] = per_prompt
+    result.update(identity_per_image=identity_per_image,
+                  clip_t_per_image=None if clip_t is None else clip_t.tolist(), per_prompt=per_prompt)
     return result

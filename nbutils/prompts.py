@@ -10,13 +10,17 @@ the caption's word order), or is ``None`` where the toy world has no such thing.
 
 CLIP-T scores an image against its prompt *without* the subject token: ``strip_subject`` swaps the subject phrase for
 the class phrase (``"a photo of sks person on the beach"`` -> ``"a photo of a person on the beach"``).
+
+``toy_request`` reads what a toy-world prompt asks for (its style, scene, ...), for the toy tier's success rate and
+its FID reference renders (``nbutils.metrics.evaluate_images``).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from nbutils.toyworld import ACCESSORY_PHRASES, SCENE_PHRASES, STYLE_PHRASES, TOY_SUBJECT
+from nbutils.toyworld import (ACCESSORY_PHRASES, EXPRESSIONS, HAIR_COLOURS, HAIR_STYLES, MARK_PHRASES, SCENE_PHRASES,
+                              STYLE_PHRASES, TOY_SUBJECT)
 
 CATEGORIES = ("recontextualization", "accessorization", "property", "expression", "art")
 
@@ -102,3 +106,41 @@ def strip_subject(prompt: str, subject_phrase: str, class_phrase: str = "a perso
             "filled with (e.g. 'sks person')"
         )
     return stripped
+
+
+_TOY_PARTS = {phrase: (field, value) for field, table in (("scene", SCENE_PHRASES), ("accessory", ACCESSORY_PHRASES),
+                                                          ("mark", MARK_PHRASES))
+              for value, phrase in table.items() if phrase}
+_TOY_PARTS.update({e: ("expression", e) for e in EXPRESSIONS})
+
+
+def toy_request(prompt: str, subject_phrase: str = "{S}") -> dict[str, str] | None:
+    """What a prompt in the toy captions' word order asks the toy world for, as ``toyworld`` field values.
+
+    ``prompt`` holds ``subject_phrase`` once (a template: ``"{S}"``). ``"a pop art poster of {S}"`` ->
+    ``{"style": "pop art"}``; ``"a photo of {S}, on the beach"`` -> ``{"style": "photo", "scene": "beach"}``;
+    ``"a photo of {S} with red long hair"`` -> ``{"style": "photo", "hair_colour": "red", "hair_style": "long"}``.
+    Keys are ``toyworld.Portrait`` / ``Identity`` field names (``style`` always; ``scene``, ``expression``,
+    ``accessory``, ``mark``, ``hair_colour`` and ``hair_style`` when named), ready for ``toyworld.with_fields``; a
+    field left out is not asked for. ``None`` for a prompt that is not a toy-world prompt (every real-tier prompt
+    but the styles the two tiers share, e.g. ``"a photo of {S} on the beach"``, which has no comma).
+    """
+    if not subject_phrase or prompt.count(subject_phrase) != 1:
+        return None
+    head, *tail = prompt.replace(subject_phrase, "{S}").split(", ")
+    style = next((k for k, phrase in STYLE_PHRASES.items() if head.startswith(f"{phrase} of {{S}}")), None)
+    if style is None:
+        return None
+    request = {"style": style}
+    hair = head.removeprefix(f"{STYLE_PHRASES[style]} of {{S}}")
+    if hair:
+        found = re.fullmatch(r" with (\w+) (\w+) hair", hair)
+        if found is None or found[1] not in HAIR_COLOURS or found[2] not in HAIR_STYLES:
+            return None
+        request.update(hair_colour=found[1], hair_style=found[2])
+    for part in tail:
+        field, value = _TOY_PARTS.get(part, (None, None))
+        if field is None or field in request:
+            return None
+        request[field] = value
+    return request

@@ -4,7 +4,8 @@ A method notebook (02 textual inversion, 03 P+, ...) keeps its own key idea in v
 reaches the UNet) and calls this module for the rest:
 
 - ``load_subject_dataset``: notebook 01's prepared dataset (the latest ``01_dataset`` run in ``OUT_DIR``): the
-  training pairs and the subject's unaugmented photos, the references of every identity score;
+  training pairs and the subject's unaugmented photos, the references of every identity score, and, for a drawn
+  toy subject, its true identity (the toy tier's success rate and FID references);
 - ``eval_setup`` + ``CheckpointEvaluator``: one fixed grid of prompts x seeds, sampled and scored with
   ``nbutils.metrics.evaluate_images`` before training (the base model) and at every checkpoint, each point logged
   as ``run.log_series("eval", step, ...)``; the same grid in every method notebook, so their curves compare;
@@ -32,10 +33,12 @@ from PIL import Image
 from nbutils.augment import load_prepared_dataset
 from nbutils.metrics import EvalSuite, evaluate_images
 from nbutils.models import model_tier, tier_defaults
+from nbutils.photos import is_drawn_subject, subject_folder
 from nbutils.prompts import PROMPT_SETS
 from nbutils.resources import Usage, dir_size_bytes, track
 from nbutils.runs import Run, code_version, find_resumable_run, latest_run, list_runs, load_run, new_run, repo_path
 from nbutils.sampling import generate
+from nbutils.toyworld import SUBJECTS, Identity
 from nbutils.train import Method, TrainConfig, TrainResult, list_checkpoints, resume_problem, train
 from nbutils.viz import image_grid, plot_curve
 
@@ -57,7 +60,9 @@ class SubjectData:
     ``pairs``: every (RGB image, caption) training pair, the captions naming the subject as ``token`` (``"sks"``);
     ``references``: the images written without augmentation (notebook 01: one per kept photo), what identity and
     CLIP-I compare with; ``path``: the dataset folder; ``seed``: the augmentation seed of the notebook 01 run that
-    wrote it (``None`` for a folder outside a run).
+    wrote it (``None`` for a folder outside a run); ``identity``: the subject's true toy-world identity when the
+    photos are a drawn toy subject (``subject_identity``), ``None`` otherwise (real photos, the real tier, a folder
+    outside a run).
     """
 
     path: Path
@@ -65,6 +70,31 @@ class SubjectData:
     references: list[Image.Image]
     token: str
     seed: int | None = None
+    identity: Identity | None = None
+
+
+def subject_identity(params: dict) -> Identity | None:
+    """The true toy-world identity of the subject a notebook 01 run prepared, from its ``params``.
+
+    The subject folder is the run's resolved ``subject`` (an absolute path), else its ``SUBJECT_DIR`` resolved
+    again (``nbutils.photos.subject_folder``); the identity is that folder's ``subject.json`` ``"identity"`` (the
+    drawn subjects', ``data/subjects/toy`` and ``toy-val``), else ``toyworld.SUBJECTS`` by folder name. ``None``
+    when it cannot be known: a run of the real tier, real photos, no such folder.
+    """
+    tier = params.get("tier")
+    if tier == "real":
+        return None
+    candidates = [params.get("subject")]
+    if params.get("SUBJECT_DIR") and tier in ("toy", "tiny", None):
+        candidates.append(subject_folder(params["SUBJECT_DIR"], tier or "toy"))
+    for folder in (Path(c) for c in candidates if c and c != "demo"):
+        meta = folder / "subject.json"
+        traits = json.loads(meta.read_text(encoding="utf-8")).get("identity") if meta.is_file() else None
+        if traits:
+            return Identity(**traits)
+        if is_drawn_subject(folder) and folder.name in SUBJECTS:
+            return SUBJECTS[folder.name]
+    return None
 
 
 def load_subject_dataset(
@@ -75,7 +105,8 @@ def load_subject_dataset(
     ``out_dir``.
 
     ``token``: the word the captions use for the subject; ``None`` reads it from the notebook 01 run the dataset
-    belongs to (its ``TOKEN`` parameter), else ``"sks"``. ``resolution`` (pixels): raise ``ValueError`` if the
+    belongs to (its ``TOKEN`` parameter), else ``"sks"``. The subject's true identity comes from the same run
+    (``subject_identity``). ``resolution`` (pixels): raise ``ValueError`` if the
     images are smaller than the training resolution (notebook 01 ran for another model tier).
     """
     if str(dataset) == "auto":
@@ -96,7 +127,8 @@ def load_subject_dataset(
     if resolution is not None and side < resolution:
         raise ValueError(f"The prepared images in {path} are {side} px but this model trains at {resolution} px: "
                          f"{RUN_01_FIRST} with the same MODEL.")
-    return SubjectData(path, pairs, references, token or params.get("TOKEN", "sks"), params.get("SEED"))
+    return SubjectData(path, pairs, references, token or params.get("TOKEN", "sks"), params.get("SEED"),
+                       subject_identity(params))
 
 
 def with_overrides(cfg: TrainConfig, **values) -> TrainConfig:
@@ -209,6 +241,8 @@ class CheckpointEvaluator:
     ``images`` the latest evaluation's images (``{prompt: one image per seed}``, for further measures such as
     ``nbutils.dreambooth.nearest_training_similarity``) and ``seconds`` the time spent in evaluations run as a
     training callback (not direct ``evaluate`` calls such as the baseline's), to subtract from training wall time.
+    ``subject.identity`` is passed on as ``evaluate_images``' ``truth`` (the toy tier's success rate and FID
+    references).
 
     In a resumed run the points recorded before the interruption are kept, not sampled again: ``evaluate`` reads
     the ``"eval"`` points of ``metrics.json`` whose first-seed images are saved into ``scores`` and ``grid``, and
@@ -266,7 +300,8 @@ class CheckpointEvaluator:
             return self.scores[step]
         images = sample_prompts(pipe, self.setup, phrase, embed=embed)
         scores = evaluate_images(images, self.subject.references, self.suite, subject_phrase=phrase,
-                                 class_phrase=self.class_phrase, seed=self.setup.seeds[0])
+                                 class_phrase=self.class_phrase, seed=self.setup.seeds[0],
+                                 truth=self.subject.identity)
         self.scores[step], self.grid[step] = scores, [imgs[0] for imgs in images.values()]
         self._images, self._resample = images, None
         for name, (prompt, imgs) in zip(self.setup.names, images.items()):

@@ -1,6 +1,7 @@
 """Evaluation metrics: dlib identity, CLIP-T/CLIP-I on a tiny random CLIP, FID/KID/IS, prompts, one-call evaluation."""
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -21,14 +22,19 @@ from nbutils.metrics import (
     ClipScorer,
     DlibFaceEmbedder,
     EvalSuite,
+    bootstrap_ci,
     distribution_metrics,
     evaluate_images,
     identity_similarity,
     images_to_tensor,
     inception_score,
+    success_per_image,
+    toy_reference_renders,
 )
-from nbutils.prompts import CATEGORIES, PROMPT_SETS, strip_subject
-from nbutils.toyworld import TOY_SUBJECT, caption_variants, portraits, render, with_fields
+from nbutils.prompts import CATEGORIES, PROMPT_SETS, strip_subject, toy_request
+from nbutils.toy_evaluators import DETECTOR_FILE, EVALUATOR_DIR
+from nbutils.toyworld import (SCENES, TOY_SUBJECT, TOY_VAL_SUBJECT, Identity, Portrait, caption_variants, portraits,
+                              random_portrait, render, with_fields)
 
 SEED = 0
 
@@ -222,6 +228,24 @@ def test_inception_score_range():
     assert mixed == distribution_metrics(portraits_a, portraits_b, ColourLayout(), ColourClassifier())  # seeded
 
 
+# --------------------------------------------------------------------------------------------------- uncertainty
+def test_bootstrap_ci_contains_the_mean_shrinks_with_n_and_is_seeded():
+    rng = np.random.default_rng(SEED)
+    small, large = rng.normal(0.5, 0.1, 20), rng.normal(0.5, 0.1, 2000)
+    for values in (small, large):
+        low, high = bootstrap_ci(values, seed=3)
+        assert low < np.mean(values) < high
+    width = {n: np.diff(bootstrap_ci(v, seed=3))[0] for n, v in ((20, small), (2000, large))}
+    assert width[2000] < 0.2 * width[20]  # ~ 1 / sqrt(n): 10x narrower
+    assert 2 * 1.96 * 0.1 / np.sqrt(20) * 0.6 < width[20] < 2 * 1.96 * 0.1 / np.sqrt(20) * 1.4  # the normal width
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(list(small), seed=3) != bootstrap_ci(small, seed=4)
+    assert bootstrap_ci([0.25] * 7) == [0.25, 0.25] and bootstrap_ci([0.25]) == [0.25, 0.25]
+    assert bootstrap_ci([]) is None
+    assert np.diff(bootstrap_ci(small, level=0.5))[0] < np.diff(bootstrap_ci(small, level=0.99))[0]
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci(small, level=95)
+
+
 # --------------------------------------------------------------------------------------------------- one call
 def test_evaluate_images_matches_the_single_metrics(clip):
     subject = "sks person"
@@ -245,6 +269,35 @@ def test_evaluate_images_matches_the_single_metrics(clip):
     assert result["clip_t"] == pytest.approx(np.mean(per_prompt_t), abs=1e-6)  # 4 images per prompt
     expected = distribution_metrics(references, everything, ColourLayout(), ColourClassifier())
     assert {k: result[k] for k in expected} == expected
+    assert result["fid_references"] == "photos" and result["success_rate"] is None  # no truth given
+
+
+@pytest.mark.filterwarnings("ignore:no (CLIP model|feature network|logits network):UserWarning")
+def test_evaluate_images_per_image_scores_and_intervals(clip):
+    """The per-image lists average to the reported means (both no-face rules), the intervals hold them, and the
+    result survives a JSON round trip unchanged."""
+    subject = "sks person"
+    generated = {"a photo of sks person, on the beach": toy_images(3, 5, scene="beach"),
+                 "a pencil sketch of sks person": toy_images(4, 4, style="sketch") + [Image.new("RGB", (32, 32))]}
+    suite = EvalSuite(ColourEmbedder(), clip, ColourLayout(), ColourClassifier())
+    for rule in ("zero", "skip"):
+        result = evaluate_images(generated, toy_images(5, 4), suite, subject_phrase=subject, no_face=rule, seed=7)
+        per_image = result["identity_per_image"]
+        assert len(per_image) == len(result["clip_t_per_image"]) == 10
+        assert per_image[-1] == (0.0 if rule == "zero" else None)  # the black image: no face
+        known = [v for v in per_image if v is not None]
+        assert np.mean(known) == pytest.approx(result["identity"], abs=1e-6)
+        assert np.mean(per_image[:5]) == pytest.approx(result["per_prompt"]["a photo of sks person, on the beach"]
+                                                       ["identity"], abs=1e-6)
+        assert np.mean(result["clip_t_per_image"]) == pytest.approx(result["clip_t"], abs=1e-6)
+        assert result["identity_ci"] == bootstrap_ci(known, seed=7)
+        assert result["clip_t_ci"] == bootstrap_ci(result["clip_t_per_image"], seed=7)
+        for key in ("identity", "clip_t"):
+            low, high = result[f"{key}_ci"]
+            assert low <= result[key] <= high and low < high
+        assert json.loads(json.dumps(result, allow_nan=False)) == result
+    no_clip = evaluate_images(generated, toy_images(5, 4), EvalSuite(ColourEmbedder()), subject_phrase=subject)
+    assert no_clip["clip_t_ci"] is None and no_clip["clip_t_per_image"] is None
 
 
 def test_evaluate_images_reports_missing_parts_as_none():
@@ -289,6 +342,134 @@ def test_toy_suite_end_to_end(monkeypatch, tiny_clip_dir):
     assert result["fid"] > 0.0 and 1.0 <= result["is_mean"] <= toy.LABEL_SIZES["style"]
 
 
+# --------------------------------------------------------------------------------------------------- toy truth
+needs_evaluators = pytest.mark.skipif(not (EVALUATOR_DIR / DETECTOR_FILE).exists(),
+                                      reason="toy evaluators not trained yet (make toy-evaluators)")
+EVAL_NAMES = ("studio", "beach", "pop_art")  # nbutils.study.EVAL_PROMPTS
+STRANGER = Identity(face="round", skin="dark", hair_colour="blonde", hair_style="afro", accessory="sunglasses")
+
+
+@pytest.fixture(scope="module")
+def toy_suite() -> EvalSuite:
+    """The trained toy evaluators without CLIP (not needed here, and slow to load)."""
+    from nbutils.toy_evaluators import SIZE, load_toy_evaluators
+
+    toy = load_toy_evaluators()
+    return EvalSuite(toy.identity, None, toy.feature_net, toy.logits_net, SIZE, attributes=toy.predict)
+
+
+def asked_renders(identity: Identity, seed: int, n: int = 16, **override) -> dict[str, list[Image.Image]]:
+    """``n`` renders of ``identity`` per evaluation prompt, each in the prompt's scene and style (or ``override``)."""
+    prompts = [next(p for p in PROMPT_SETS["toy"] if p.name == name).fill("sks person") for name in EVAL_NAMES]
+    requests = [{**toy_request(p, "sks person"), **override} for p in prompts]
+    images = toy_reference_renders(identity, requests, [n] * len(prompts), size=64, seed=seed)
+    return {p: images[k * n:(k + 1) * n] for k, p in enumerate(prompts)}
+
+
+def test_toy_reference_renders_draw_what_is_asked_seeded():
+    requests = [{"style": "photo", "scene": "beach"}, {"style": "pop art"}, {"style": "photo", "hair_colour": "red"}]
+    images = toy_reference_renders(TOY_SUBJECT, requests, [2, 5, 1], size=32, seed=1)
+    assert len(images) == 8 and {im.size for im in images} == {(32, 32)}
+    again = toy_reference_renders(TOY_SUBJECT, requests, [2, 5, 1], size=32, seed=1)
+    assert [np.asarray(a).tolist() for a in images] == [np.asarray(b).tolist() for b in again]
+    other = toy_reference_renders(TOY_SUBJECT, requests, [2, 5, 1], size=32, seed=2)
+    assert np.asarray(images[0]).tolist() != np.asarray(other[0]).tolist()
+    # what each one shows: the same picture as the portrait drawn with those fields by hand
+    rng = random.Random(1)
+    expected = []
+    for request, n in zip(requests, [2, 5, 1]):
+        for k in range(n):
+            p = with_fields(random_portrait(rng, TOY_SUBJECT), **{"scene": SCENES[k % 5], **request})
+            expected.append(render(p, 32))
+    assert [np.asarray(a).tolist() for a in images] == [np.asarray(b).tolist() for b in expected]
+    with pytest.raises(ValueError, match="one count per request"):
+        toy_reference_renders(TOY_SUBJECT, requests, [2], size=32, seed=1)
+
+
+def test_success_per_image_needs_every_trait_the_scene_and_the_style():
+    truth = Portrait(TOY_SUBJECT, scene="beach", style="photo").labels()
+    n = 6
+    predicted = {k: torch.full((n,), v) for k, v in truth.items()}
+    predicted["hair_colour"][1] = 0  # black hair: not the subject
+    predicted["scene"][2] = SCENES.index("night")  # not on the beach
+    predicted["style"][3] = 4  # pop art: not a photo
+    predicted["expression"][4] = 0  # the expression is not checked
+    found = torch.tensor([True, True, True, True, True, False])  # no face: no success
+    beach = {"style": "photo", "scene": "beach"}
+    assert success_per_image(predicted, found, TOY_SUBJECT, [beach] * n) == [True, False, False, False, True, False]
+    anywhere = {"style": "photo"}  # no scene asked: any scene is right
+    assert success_per_image(predicted, found, TOY_SUBJECT, [anywhere] * 3 + [None] * 3) == [True, False, True,
+                                                                                              None, None, None]
+    red = {"style": "photo", "hair_colour": "red"}  # the prompt changes a trait: the changed one is the truth
+    assert success_per_image(predicted, found, TOY_SUBJECT, [red] * 2) == [False, False]
+    predicted["hair_colour"][:] = 2  # red
+    assert success_per_image(predicted, found, TOY_SUBJECT, [red] * 2) == [True, True]
+
+
+@needs_evaluators
+def test_success_rate_on_toy_renders(toy_suite):
+    """Renders of the subject as asked score ~1; of a stranger, of the other subject, or in another style ~0; in
+    another scene ~0 where the prompt names a scene (studio, beach), ~1 where it names none (pop art)."""
+    photos = toy_images(5, 5, size=64)
+    cases = {"subject": asked_renders(TOY_SUBJECT, 11), "toy-val": asked_renders(TOY_VAL_SUBJECT, 12),
+             "stranger": asked_renders(STRANGER, 13), "watercolor": asked_renders(TOY_SUBJECT, 14, style="watercolor"),
+             "night": asked_renders(TOY_SUBJECT, 15, scene="night")}
+    results = {}
+    with pytest.warns(UserWarning, match="no CLIP model"):
+        for name, generated in cases.items():
+            results[name] = evaluate_images(generated, photos, toy_suite, subject_phrase="sks person",
+                                            truth=TOY_SUBJECT)
+    for result in results.values():
+        assert len(result["success_per_image"]) == 48
+        assert result["success_rate"] == pytest.approx(np.mean(result["success_per_image"]))
+    rates = {name: r["success_rate"] for name, r in results.items()}
+    assert rates["subject"] >= 0.9 and max(rates["toy-val"], rates["stranger"], rates["watercolor"]) <= 0.1, rates
+    night = [v["success_rate"] for v in results["night"]["per_prompt"].values()]  # studio, beach, pop art
+    assert night[0] <= 0.1 and night[1] <= 0.1 and night[2] >= 0.9, night
+    subject = results["subject"]
+    assert all(v["success_rate"] >= 0.9 for v in subject["per_prompt"].values())
+    assert json.loads(json.dumps(subject, allow_nan=False)) == subject
+
+
+@needs_evaluators
+def test_toy_fid_compares_with_renders_of_the_subject_as_asked(toy_suite):
+    """With the truth known, FID/KID use fresh renders of the subject in the prompts' scenes and styles: renders of
+    the subject are close to them, renders of a stranger far. Without it, the photos, as before."""
+    photos = toy_images(5, 5, size=64)
+    own_images = asked_renders(TOY_SUBJECT, 11)
+    with pytest.warns(UserWarning, match="no CLIP model"):
+        own = evaluate_images(own_images, photos, toy_suite, subject_phrase="sks person", truth=TOY_SUBJECT, seed=3)
+        stranger = evaluate_images(asked_renders(STRANGER, 13), photos, toy_suite, subject_phrase="sks person",
+                                   truth=TOY_SUBJECT, seed=3)
+        untold = evaluate_images(own_images, photos, toy_suite, subject_phrase="sks person", seed=3)
+        mixed = evaluate_images({**asked_renders(TOY_SUBJECT, 11, n=4), "a photo of sks person at sea": photos},
+                                photos, toy_suite, subject_phrase="sks person", truth=TOY_SUBJECT)
+    assert own["fid_references"] == stranger["fid_references"] == "renders"
+    assert own["fid"] < 0.1 * stranger["fid"] and own["kid_mean"] < 0.1 * stranger["kid_mean"]
+    generated = [im for ims in own_images.values() for im in ims]
+    requests = [toy_request(p, "sks person") for p in own_images]
+    renders = toy_reference_renders(TOY_SUBJECT, requests, [16] * 3, size=64, seed=3)
+    net, size = toy_suite.feature_net, toy_suite.image_size
+    expected = distribution_metrics(renders, generated, net, image_size=size, seed=3)
+    assert own["fid"] == expected["fid"] and own["kid_mean"] == expected["kid_mean"]
+    assert untold["fid_references"] == "photos" and untold["success_rate"] is None
+    assert untold["fid"] == distribution_metrics(photos, generated, net, image_size=size, seed=3)["fid"]
+    # a prompt the toy world cannot read: no success for it, and the photos stay the FID references
+    assert mixed["fid_references"] == "photos"
+    assert mixed["per_prompt"]["a photo of sks person at sea"]["success_rate"] is None
+    assert mixed["success_rate"] == pytest.approx(np.mean(mixed["success_per_image"][:12]))
+
+
+@pytest.mark.filterwarnings("ignore:no (CLIP model|feature network|logits network):UserWarning")
+def test_truth_without_an_attribute_net_warns_and_gives_none():
+    generated = {"a photo of sks person, in a studio": toy_images(3, 3)}
+    with pytest.warns(UserWarning, match="no attribute net in the suite"):
+        result = evaluate_images(generated, toy_images(5, 3), EvalSuite(ColourEmbedder()),
+                                 subject_phrase="sks person", truth=TOY_SUBJECT)
+    assert result["success_rate"] is None and result["success_per_image"] is None
+    assert result["per_prompt"]["a photo of sks person, in a studio"]["success_rate"] is None
+
+
 # --------------------------------------------------------------------------------------------------- prompts
 def test_strip_subject():
     assert strip_subject("a photo of sks person on the beach", "sks person") == "a photo of a person on the beach"
@@ -308,6 +489,25 @@ def test_prompt_sets():
         assert all(strip_subject(p.fill("sks person"), "sks person").count("a person") == 1 for p in prompts)
     assert {p.name for p in toy} < {p.name for p in real}
     assert real[0].fill("sks person") == "a photo of sks person on the beach"
+
+
+def test_toy_request_reads_every_toy_prompt():
+    requests = {p.name: toy_request(p.template) for p in PROMPT_SETS["toy"]}
+    assert all(r is not None and "style" in r for r in requests.values())
+    assert requests["beach"] == {"style": "photo", "scene": "beach"}
+    assert requests["pop_art"] == {"style": "pop art"} and requests["pixel_art"] == {"style": "pixel art"}
+    assert requests["sunglasses"] == {"style": "photo", "accessory": "sunglasses"}
+    assert requests["red_hair"] == {"style": "photo", "hair_colour": "red", "hair_style": "long"}
+    assert requests["smiling"] == {"style": "photo", "expression": "smiling"}
+    assert toy_request("a photo of <sks> person, on the beach", "<sks> person") == requests["beach"]
+    assert toy_request("a photo of a person, in a studio", "a person") == requests["studio"]  # the baseline
+    assert toy_request("a watercolor painting of {S}, in a forest") == {"style": "watercolor", "scene": "forest"}
+    shared = {p.name for p in PROMPT_SETS["real"] if toy_request(p.template) is not None}
+    assert shared == {"pencil_sketch", "pixel_art", "watercolor", "pop_art"}  # the same words on both tiers
+    for prompt in ("a photo of {S}, on the moon", "a photo of {S}, on the beach, at night", "a photo of {S} at sea",
+                   "a photo of {S} with green long hair", "an oil painting of {S}"):
+        assert toy_request(prompt) is None, prompt
+    assert toy_request("a photo of sks person, in a studio", "<sks> person") is None  # the phrase is not in it
 
 
 def test_toy_prompts_use_only_toy_caption_words():

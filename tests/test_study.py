@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from nbutils.augment import AugmentConfig, write_prepared_dataset
 from nbutils.metrics import EvalSuite, evaluate_images, images_to_tensor
 from nbutils.models import build_tiny_pipeline, ensure_tiny_pipeline, tier_defaults
-from nbutils.photos import Photo
+from nbutils.photos import TOY_SUBJECT_DIR, Photo
 from nbutils.resources import Usage
 from nbutils.runs import new_run, read_png_metadata
 from nbutils.study import (
@@ -28,11 +29,12 @@ from nbutils.study import (
     sample_prompts,
     score_table,
     series_points,
+    subject_identity,
     train_and_log,
     with_overrides,
 )
 from nbutils.textual_inversion import TextualInversion, with_placeholder
-from nbutils.toyworld import TOY_SUBJECT, portraits, render
+from nbutils.toyworld import TOY_SUBJECT, TOY_VAL_SUBJECT, Portrait, portraits, render
 from nbutils.train import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:no (CLIP model|feature network|logits network):UserWarning")
@@ -84,6 +86,29 @@ def test_missing_or_mismatched_dataset_is_a_clear_error(tmp_run_dir, tmp_path):
         load_subject_dataset("auto", tmp_run_dir, resolution=64)
     with pytest.raises(FileNotFoundError, match="no prepared dataset"):
         load_subject_dataset(tmp_path / "nothing-here", tmp_run_dir)
+
+
+def test_the_subjects_true_identity_comes_from_its_01_run(tmp_run_dir, tmp_path):
+    """A drawn toy subject's identity (subject.json of the folder notebook 01 read); None where it is unknown."""
+    assert subject_identity({"SUBJECT_DIR": "data/subjects/toy-val", "tier": "toy"}) == TOY_VAL_SUBJECT
+    assert subject_identity({"SUBJECT_DIR": "auto", "tier": "toy", "subject": str(TOY_SUBJECT_DIR)}) == TOY_SUBJECT
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    other = replace(TOY_SUBJECT, hair_colour="red")
+    (drawn / "subject.json").write_text(json.dumps({"identity": asdict(other)}))
+    assert subject_identity({"SUBJECT_DIR": str(drawn), "tier": "tiny"}) == other
+    photos = tmp_path / "me"
+    photos.mkdir()
+    for params in ({"SUBJECT_DIR": "data/subjects/toy", "tier": "real"},  # the real tier: no attribute net
+                   {"SUBJECT_DIR": str(photos), "tier": "toy"},  # real photos: nobody knows their traits
+                   {"SUBJECT_DIR": "auto", "tier": "real", "subject": "demo"}, {}):
+        assert subject_identity(params) is None, params
+    run = new_run("01_dataset", {"TOKEN": "sks", "SEED": 0, "SUBJECT_DIR": "data/subjects/toy-val", "tier": "toy"},
+                  out_dir=tmp_run_dir)
+    photo = [Photo(render(p, 32), Path("0.png")) for p in portraits(0, 1, identity=TOY_VAL_SUBJECT)]
+    write_prepared_dataset(photo, run.artifact_path("dataset"), "sks", ["a photo of {token} person"],
+                           AugmentConfig(n_per_image=1), 0)
+    assert load_subject_dataset("auto", tmp_run_dir).identity == TOY_VAL_SUBJECT
 
 
 def test_with_overrides_keeps_defaults_for_none_and_takes_zero():
@@ -140,6 +165,38 @@ def test_evaluator_scores_exactly_the_images_it_samples_and_logs_them(tiny_pipe,
     assert evaluator.seconds > 0
     fig = evaluator.grid_figure("grid")
     assert len(fig.axes) == 2 * 2 and fig.axes[0].get_ylabel() == "step 0\n(a person)"
+
+
+class Oracle:
+    """A stand-in attribute net that reads every image as ``portrait`` (and counts its calls)."""
+
+    def __init__(self, portrait):
+        self.labels, self.calls = portrait.labels(), 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return {k: torch.full((len(images),), v) for k, v in self.labels.items()}
+
+
+def test_evaluator_passes_the_subjects_identity_as_truth(tiny_pipe, tiny_ref, subject, tmp_run_dir):
+    """With the subject's identity known, the logged point holds a success rate (here an attribute net that sees
+    the subject in a studio photo everywhere: 1 for the studio prompt, 0 for the beach one); without it, None."""
+    setup = eval_setup(tiny_ref, subject.path, seed=0, quick=True, names=("studio", "beach"))
+    oracle = Oracle(Portrait(TOY_SUBJECT, scene="studio", style="photo"))
+    suite = EvalSuite(MeanColour(), attributes=oracle)
+    known = replace(subject, identity=TOY_SUBJECT)
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    scores = CheckpointEvaluator(setup, known, suite, "<sks> person").evaluate(tiny_pipe, run, 0,
+                                                                                 subject_phrase="a person")
+    assert scores["success_rate"] == 0.5 and oracle.calls == 1
+    assert [v["success_rate"] for v in scores["per_prompt"].values()] == [1.0, 0.0]
+    point = run.metrics["series"]["eval"][0]
+    assert point["success_rate"] == 0.5 and point["success_per_image"] == [True] * 2 + [False] * 2
+    assert len(point["identity_per_image"]) == 4 and len(point["identity_ci"]) == 2
+    assert subject.identity is None  # the fixture's notebook-01 run names no subject folder
+    unknown = CheckpointEvaluator(setup, subject, suite, "<sks> person").evaluate(
+        tiny_pipe, new_run("02_x", {}, out_dir=tmp_run_dir), 0, subject_phrase="a person")
+    assert unknown["success_rate"] is None and oracle.calls == 1
 
 
 def test_embed_path_gives_the_pipelines_own_images_for_its_own_embeddings(tiny_pipe, tiny_ref, subject,
