@@ -8,9 +8,11 @@ grid's first-seed image of every prompt at every checkpoint, with prompt, seed a
 
 - ``select_runs``: the latest finished run of each method for one model, ``QUICK`` and ``SEED``, with notes on
   every run left out and every method missing;
-- ``comparison_rows`` (final scores and costs, one row per method and the base model), ``table_markdown`` and
+- ``comparison_rows`` (final scores and costs, one row per method and the base model; over several training seeds
+  the mean, the spread between seeds and a bootstrap interval over every seed's images), ``table_markdown`` and
   ``write_csv``;
-- ``scatter_points``, ``pareto_front`` and ``pareto_figure``: identity against editability (CLIP-T);
+- ``scatter_points``, ``interval_bars``, ``pareto_front`` and ``pareto_figure``: identity against editability
+  (CLIP-T), with error bars;
 - ``curves_figure``: a score per checkpoint, one curve per method;
 - ``sample_matrix`` and ``matrix_figure``: methods x prompts, the same seed in every cell.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +54,17 @@ BASE = "base model"
 COLUMNS: dict[str, str] = {
     "run": "run folder",
     "steps": "steps",
+    "n_seeds": "training seeds",
     "identity": "identity (cos) ↑",
+    "identity_lo": "identity, 95 % interval low",
+    "identity_hi": "identity, 95 % interval high",
+    "identity_sd": "identity, spread between seeds (sd)",
     "detection_rate": "face detection rate",
+    "success_rate": "success rate ↑ (me, where, how)",
     "clip_t": "CLIP-T (cos) ↑",
+    "clip_t_lo": "CLIP-T, 95 % interval low",
+    "clip_t_hi": "CLIP-T, 95 % interval high",
+    "clip_t_sd": "CLIP-T, spread between seeds (sd)",
     "clip_i": "CLIP-I (cos) ↑",
     "fid": "FID ↓",
     "kid_mean": "KID ↓",
@@ -64,9 +75,13 @@ COLUMNS: dict[str, str] = {
     "artifact_bytes": "artifact size (bytes)",
     "trainable_params": "trainable parameters",
 }
-"""A comparison row's keys (besides ``"method"``) and their labels; the scores come from the last checkpoint."""
+"""A comparison row's keys (besides ``"method"``) and their labels; the scores come from the last checkpoint. The
+``_lo``/``_hi`` columns are a 95 % percentile bootstrap interval of the mean over every generated image (pooled over
+the training seeds); ``_sd`` is the standard deviation of the per-seed means (``None`` for one seed); the success rate
+(toy tier) is the share of images whose every identity trait, scene and style are those asked for."""
 
-_SCORES = ("identity", "detection_rate", "clip_t", "clip_i", "fid", "kid_mean", "is_mean")
+_SCORES = ("identity", "detection_rate", "success_rate", "clip_t", "clip_i", "fid", "kid_mean", "is_mean")
+_INTERVALS = ("identity", "clip_t")
 _COSTS = ("train_s", "peak_rss_mb", "peak_cuda_mb", "artifact_bytes", "trainable_params")
 
 
@@ -172,20 +187,47 @@ def _final_point(metrics: dict) -> dict:
     return max(metrics["series"]["eval"], key=lambda p: p["step"])
 
 
-def comparison_rows(selection: Selection) -> list[dict]:
-    """One row per compared run, after a ``BASE`` row (the first run's step-0 scores, no costs): ``{"method": label,
-    **{key: value for key in COLUMNS}}``, the scores of the last checkpoint, ``None`` where not logged."""
+def _pooled(points: Sequence[dict]) -> dict:
+    """One row's scores from the same checkpoint of one run per training seed: each score's mean over the seeds,
+    ``_sd`` the spread of the per-seed means (``None`` for one seed), ``_lo``/``_hi`` the bootstrap interval over the
+    pooled per-image scores (the logged ``_ci`` when a point has no per-image list), ``n_seeds``."""
+    from nbutils.metrics import bootstrap_ci  # numpy only; lazy so that importing this module loads no scorer
+
+    row: dict = {"n_seeds": len(points)}
+    for key in _SCORES:
+        values = [p[key] for p in points if p.get(key) is not None]
+        row[key] = float(sum(values) / len(values)) if values else None
+    for key in _INTERVALS:
+        values = [p[key] for p in points if p.get(key) is not None]
+        row[f"{key}_sd"] = float(statistics.stdev(values)) if len(values) > 1 else None
+        pooled = [v for p in points for v in (p.get(f"{key}_per_image") or []) if v is not None]
+        interval = bootstrap_ci(pooled) if pooled else (points[0].get(f"{key}_ci") if len(points) == 1 else None)
+        row[f"{key}_lo"], row[f"{key}_hi"] = interval or (None, None)
+    return row
+
+
+def comparison_rows(selection: Selection | Sequence[Selection]) -> list[dict]:
+    """One row per compared method, after a ``BASE`` row (step 0 of the first method's runs, no costs):
+    ``{"method": label, **{key: value for key in COLUMNS}}``, the scores of the last checkpoint, ``None`` where not
+    logged. ``selection``: one ``Selection``, or one per training seed (``select_runs(..., seed=s)``): a method's
+    row then pools its run of every seed (``_pooled``; costs and ``run``/``steps`` are the first seed's)."""
+    selections = [selection] if isinstance(selection, Selection) else list(selection)
+    methods = list(dict.fromkeys(m for s in selections for m in s.metrics))
     rows = []
-    for method, metrics in selection.metrics.items():
-        base = next((p for p in metrics["series"]["eval"] if p["step"] == 0), None)
-        if base is not None:
-            rows.append({"method": BASE, "run": selection.runs[method].name, "steps": 0,
-                         **{k: base.get(k) for k in _SCORES}, **dict.fromkeys(_COSTS)})
-            break
-    for method, metrics in selection.metrics.items():
+    for method in methods[:1]:
+        bases = [p for s in selections if method in s.metrics
+                 for p in s.metrics[method]["series"]["eval"] if p["step"] == 0]
+        if bases:
+            first = next(s for s in selections if method in s.metrics)
+            rows.append({"method": BASE, "run": first.runs[method].name, "steps": 0, **_pooled(bases),
+                         **dict.fromkeys(_COSTS)})
+    for method in methods:
+        having = [s for s in selections if method in s.metrics]
+        metrics = having[0].metrics[method]
         final = _final_point(metrics)
-        rows.append({"method": label(method), "run": selection.runs[method].name,
-                     "steps": metrics.get("steps", final["step"]), **{k: final.get(k) for k in _SCORES},
+        rows.append({"method": label(method), "run": having[0].runs[method].name,
+                     "steps": metrics.get("steps", final["step"]),
+                     **_pooled([_final_point(s.metrics[method]) for s in having]),
                      **{k: metrics.get(k) for k in _COSTS}})
     return rows
 
@@ -225,6 +267,14 @@ def scatter_points(rows: Sequence[dict], x: str = "clip_t", y: str = "identity")
     return points, notes
 
 
+def interval_bars(rows: Sequence[dict], x: str = "clip_t", y: str = "identity") -> dict:
+    """``{method: ((x_lo, x_hi), (y_lo, y_hi))}``: the rows' 95 % intervals of both scores, for ``pareto_figure``
+    (rows without both intervals are left out)."""
+    keys = (f"{x}_lo", f"{x}_hi", f"{y}_lo", f"{y}_hi")
+    return {row["method"]: ((row[keys[0]], row[keys[1]]), (row[keys[2]], row[keys[3]])) for row in rows
+            if all(row.get(k) is not None for k in keys)}
+
+
 def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
     """The names whose point no other point dominates (both coordinates maximised: at least as high in both and
     higher in one), ordered by the first coordinate."""
@@ -245,8 +295,10 @@ def _message_figure(title: str, message: str) -> Figure:
 
 
 def pareto_figure(points: Mapping[str, tuple[float, float]], title: str,
-                  xlabel: str = "editability: CLIP-T (cosine)", ylabel: str = "identity (cosine)") -> Figure:
-    """Scatter of ``points`` (``{name: (x, y)}``), each labelled, with the Pareto front (``pareto_front``) as a line."""
+                  xlabel: str = "editability: CLIP-T (cosine)", ylabel: str = "identity (cosine)",
+                  errors: Mapping[str, tuple[tuple[float, float], tuple[float, float]]] | None = None) -> Figure:
+    """Scatter of ``points`` (``{name: (x, y)}``), each labelled, with the Pareto front (``pareto_front``) as a line
+    and, for the names in ``errors`` (``interval_bars``), their intervals as error bars."""
     if not points:
         return _message_figure(title, "No run has both scores logged: nothing to plot.")
     fig = new_figure((6.5, 4.5))
@@ -254,8 +306,12 @@ def pareto_figure(points: Mapping[str, tuple[float, float]], title: str,
     front = pareto_front(points)
     for name, (x, y) in points.items():
         on_front = name in front
-        ax.scatter([x], [y], s=60, marker="*" if on_front else "o", zorder=3,
-                   color="tab:red" if on_front else "tab:blue")
+        colour = "tab:red" if on_front else "tab:blue"
+        if errors and name in errors:
+            (x_lo, x_hi), (y_lo, y_hi) = errors[name]
+            ax.errorbar([x], [y], xerr=[[x - x_lo], [x_hi - x]], yerr=[[y - y_lo], [y_hi - y]], fmt="none",
+                        ecolor=colour, alpha=0.5, capsize=3, zorder=2)
+        ax.scatter([x], [y], s=60, marker="*" if on_front else "o", zorder=3, color=colour)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.plot(*zip(*(points[n] for n in front)), color="tab:red", lw=1, ls="--", zorder=2,
             label=f"Pareto front ({len(front)} of {len(points)})")

@@ -130,14 +130,16 @@ def test_rows_hold_base_model_and_final_scores_and_round_trip_through_csv(tmp_ru
     sel = select_runs(tmp_run_dir, quick=True, seed=0)
     rows = comparison_rows(sel)
     name = sel.runs["textual_inversion"].name
-    assert rows[0] == {"method": BASE, "run": name, "steps": 0, "identity": 0.3, "detection_rate": 1.0,
-                       "clip_t": 0.2, "clip_i": None, "fid": 9.0, "kid_mean": None, "is_mean": None,
-                       **dict.fromkeys(["train_s", "peak_rss_mb", "peak_cuda_mb", "artifact_bytes",
-                                        "trainable_params"])}
-    assert rows[1] == {"method": "Textual Inversion", "run": name, "steps": 10, "identity": 0.5,
+    unlogged = dict.fromkeys(["success_rate", "identity_lo", "identity_hi", "identity_sd", "clip_t_lo",
+                              "clip_t_hi", "clip_t_sd"])  # no per-image scores, one seed
+    assert rows[0] == {"method": BASE, "run": name, "steps": 0, "n_seeds": 1, "identity": 0.3,
+                       "detection_rate": 1.0, "clip_t": 0.2, "clip_i": None, "fid": 9.0, "kid_mean": None,
+                       "is_mean": None, **unlogged, **dict.fromkeys(["train_s", "peak_rss_mb", "peak_cuda_mb",
+                                                                     "artifact_bytes", "trainable_params"])}
+    assert rows[1] == {"method": "Textual Inversion", "run": name, "steps": 10, "n_seeds": 1, "identity": 0.5,
                        "detection_rate": 1.0, "clip_t": 0.1, "clip_i": None, "fid": 9.0, "kid_mean": 0.01,
-                       "is_mean": None, "train_s": 12.5, "peak_rss_mb": 700.0, "peak_cuda_mb": None,
-                       "artifact_bytes": 352, "trainable_params": 64}
+                       "is_mean": None, **unlogged, "train_s": 12.5, "peak_rss_mb": 700.0,
+                       "peak_cuda_mb": None, "artifact_bytes": 352, "trainable_params": 64}
 
     path = write_csv(rows, tmp_path / "out" / "comparison.csv")
     with path.open(encoding="utf-8", newline="") as f:
@@ -205,3 +207,28 @@ def test_sample_matrix_matches_prompt_and_seed_across_subject_phrases_and_sizes(
     assert [ax.get_title() for ax in fig.axes[:3]] == ["studio", "beach", "pop art"]
     assert [fig.axes[k].get_ylabel() for k in (0, 3, 6)] == [BASE, "Textual Inversion", "DreamBooth"]
     assert np.asarray(fig.axes[7].images[0].get_array())[0, 0].tolist() == [200, 200, 200]  # the missing cell
+
+
+def test_training_seeds_pool_into_mean_spread_and_an_interval_over_every_image(tmp_run_dir):
+    from nbutils.compare import interval_bars
+    from nbutils.metrics import bootstrap_ci
+
+    per_seed = {0: [0.4, 0.5, 0.6], 1: [0.7, 0.8, 0.9]}
+    for seed, values in per_seed.items():
+        final = {"identity": float(np.mean(values)), "identity_per_image": values, "clip_t": 0.2 + 0.1 * seed,
+                 "clip_t_per_image": [0.2 + 0.1 * seed] * 3, "success_rate": 0.5 * seed}
+        method_run(tmp_run_dir, "textual_inversion", seed=seed, points={0: {"identity": 0.3, "clip_t": 0.2},
+                                                                        10: final})
+    selections = [select_runs(tmp_run_dir, quick=True, seed=s) for s in per_seed]
+    base, ti = comparison_rows(selections)
+    assert base["method"] == BASE and base["n_seeds"] == 2 and base["identity"] == pytest.approx(0.3)
+    assert ti["n_seeds"] == 2 and ti["identity"] == pytest.approx(0.65) and ti["success_rate"] == pytest.approx(0.25)
+    assert ti["identity_sd"] == pytest.approx(np.std([0.5, 0.8], ddof=1))
+    assert [ti["identity_lo"], ti["identity_hi"]] == bootstrap_ci(per_seed[0] + per_seed[1])
+    assert ti["identity_lo"] < ti["identity"] < ti["identity_hi"]
+    one = comparison_rows(selections[0])[1]
+    assert one["n_seeds"] == 1 and one["identity_sd"] is None and one["identity_lo"] < 0.5 < one["identity_hi"]
+    bars = interval_bars([base, ti])
+    assert list(bars) == ["Textual Inversion"]  # the base model logged no per-image scores here
+    fig = pareto_figure(scatter_points([ti])[0], "t", errors=bars)
+    assert len(fig.axes[0].containers) == 1  # one error bar
