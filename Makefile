@@ -17,7 +17,7 @@ OPEN_CLIP := open-clip-torch==3.3.0
 # noise, keep everything else (pipefail keeps pip's exit status).
 PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: venv study portrait test toy-model toy-evaluators clean-venv
+.PHONY: venv study portrait lab test toy-model toy-evaluators clean-venv
 
 venv: $(VENV)/.ready
 
@@ -35,7 +35,7 @@ $(VENV)/.ready:
 
 study: venv
 	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) \
-		$(if $(ONLY),--only $(ONLY)) $(if $(filter 1,$(FRESH)),--fresh)
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY)) $(if $(filter 1,$(FRESH)),--fresh)
 
 # `make portrait PHOTOS=data/me SCENE="on the beach" STYLE=watercolor METHOD=auto ROUTE=prompt`: notebook 08 in one
 # papermill call, into its own run folder under runs/ (defaults: the tier's demo subject; see the README).
@@ -46,6 +46,15 @@ PORTRAIT_ARGS = $(if $(PHOTOS),--photos "$(PHOTOS)") $(if $(SCENE),--scene "$(SC
 
 portrait: venv
 	$(PY) scripts/make_portrait.py --quick $(QUICK) $(strip $(PORTRAIT_ARGS))
+
+# `make lab`: JupyterLab on notebooks/, from the venv; new notebooks get its kernel "portrait-studio" (registered by
+# `make venv`), and the committed ones run in the same Python whichever of its two names they record. It serves on
+# localhost and prints the address with its token; Ctrl-C stops it. Jupyter refuses root without --allow-root.
+LAB_ARGS = --ServerApp.root_dir=notebooks --MappingKernelManager.default_kernel_name=portrait-studio \
+	$(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab: venv
+	$(VENV)/bin/jupyter lab $(strip $(LAB_ARGS))
 
 test: venv
 	$(PY) -m pytest

@@ -13,6 +13,10 @@ checkpoint. The interrupted notebook's executed copy is kept as ``<name>.interru
 starts a new study folder whatever the last one holds.
 
     python scripts/run_study.py --quick 1 --only 01,02 --seed 0
+
+``--seeds 0,1,2`` (``make study SEEDS=0,1,2``) runs every training notebook (02-05) once per seed, the first
+seed's executed copy as ``<name>.ipynb``, the others' as ``<name>.seed<s>.ipynb``; the other notebooks run once with
+the first seed, and a notebook whose parameters define ``SEEDS`` (07, the evaluation) gets the list, to pool them.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from nbutils.runs import atomic_write_json, create_unique_dir, repo_path, timestamp  # noqa: E402
 
 STATE_FILE = "study.json"
+TRAINING = ("02", "03", "04", "05")
+"""The numbers of the notebooks that train a method: run once per seed of ``--seeds``."""
 
 
 class CurrentInterpreterKernelManager(AsyncKernelManager):
@@ -108,8 +114,31 @@ def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=
 
 def study_options(args: argparse.Namespace, notebooks: list[Path]) -> dict:
     """What makes two studies the same study: the notebooks (their names and folder) and the injected options."""
-    return {"notebooks": [nb.name for nb in notebooks], "folder": str(notebooks[0].parent), "quick": args.quick,
-            "model": args.model, "seed": args.seed}
+    return {"notebooks": [name for _, name, _ in study_jobs(notebooks, args.seeds)],
+            "folder": str(notebooks[0].parent), "quick": args.quick, "model": args.model, "seed": args.seed,
+            "seeds": args.seeds}
+
+
+def takes_parameter(notebook: Path, name: str) -> bool:
+    """Whether ``notebook``'s cell tagged ``parameters`` assigns ``name``."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    return any("parameters" in c.metadata.get("tags", []) and
+               any(line.startswith(f"{name} =") for line in c.source.splitlines()) for c in cells)
+
+
+def study_jobs(notebooks: list[Path], seeds: list[int] | None) -> list[tuple[Path, str, dict]]:
+    """``(notebook, executed copy's name, parameters to add)`` in run order. Without ``seeds``: every notebook once,
+    nothing added. With ``seeds``: each training notebook (``TRAINING``) once per seed with ``SEED``, the others once
+    with the first seed, and ``SEEDS`` for those that take it."""
+    if not seeds:
+        return [(nb, nb.name, {}) for nb in notebooks]
+    jobs = []
+    for nb in notebooks:
+        if nb.name[:2] in TRAINING:
+            jobs += [(nb, nb.name if k == 0 else f"{nb.stem}.seed{s}.ipynb", {"SEED": s}) for k, s in enumerate(seeds)]
+        else:
+            jobs.append((nb, nb.name, {"SEED": seeds[0], **({"SEEDS": seeds} if takes_parameter(nb, "SEEDS") else {})}))
+    return jobs
 
 
 def read_state(study: Path) -> dict | None:
@@ -160,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="injected as MODEL: auto, sd15, toy, tiny, a local folder or a hub id (notebooks keep their "
                         "own if absent: 'auto' for the method notebooks, 'toy' for 00_toy_world)")
     p.add_argument("--seed", type=int, default=None, help="injected as SEED (notebooks keep their own if absent)")
+    p.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",") if s.strip()], default=None,
+                   help="comma-separated training seeds, e.g. 0,1,2: the training notebooks run once per seed and the "
+                        "evaluation pools them (instead of --seed)")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
     p.add_argument("--out", default="runs", help="parent folder of the study folder (relative: from the repo root)")
     p.add_argument("--notebooks", default="notebooks", help="folder holding the numbered notebooks")
@@ -170,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.seed is not None and args.seeds:
+        raise SystemExit("Give --seed or --seeds, not both.")
     notebooks = find_notebooks(repo_path(args.notebooks), args.only)
     options = study_options(args, notebooks)
     parent = repo_path(args.out)
@@ -189,18 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         parameters["SEED"] = args.seed
     print(f"Study folder: {study}", flush=True)
-    for i, notebook in enumerate(notebooks, 1):
-        output = study / notebook.name
-        if notebook.name in state["done"]:
-            print(f"[{i}/{len(notebooks)}] {notebook.stem} ... done before, skipped", flush=True)
+    jobs = study_jobs(notebooks, args.seeds)
+    for i, (notebook, name, extra) in enumerate(jobs, 1):
+        output = study / name
+        what = notebook.stem + (f" (seed {extra['SEED']})" if args.seeds else "")
+        if name in state["done"]:
+            print(f"[{i}/{len(jobs)}] {what} ... done before, skipped", flush=True)
             continue
         kept = keep_interrupted_copy(output)
-        print(f"[{i}/{len(notebooks)}] {notebook.stem} ...", end=" ", flush=True)
+        print(f"[{i}/{len(jobs)}] {what} ...", end=" ", flush=True)
         if kept:
             print(f"(again; the interrupted copy is {kept.name})", end=" ", flush=True)
         start = time.perf_counter()
         try:
-            run_notebook(notebook, output, parameters)
+            run_notebook(notebook, output, {**parameters, **extra})
         except KeyboardInterrupt:
             print("INTERRUPTED")
             print(f"Stopped in {notebook.name}; run the same command again to resume the study in {study} "
@@ -215,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Notebook {notebook.name} failed; what ran is in {output}")
             return 1
         seconds = time.perf_counter() - start
-        state["done"][notebook.name] = round(seconds, 1)
+        state["done"][name] = round(seconds, 1)
         atomic_write_json(study / STATE_FILE, state)
         print(f"ok in {seconds:.1f} s", flush=True)
-    print(f"All {len(notebooks)} notebooks ran; results in {study}")
+    print(f"All {len(jobs)} notebooks ran; results in {study}")
     return 0
 
 

@@ -127,6 +127,32 @@ def test_a_rerun_reuses_the_unfinished_study_of_the_same_options_and_fresh_or_ot
     assert "other options (quick)" in capsys.readouterr().out
 
 
+def test_seeds_run_each_training_notebook_once_per_seed_and_hand_the_list_to_the_evaluation(
+        tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in ("01_data", "02_train", "05_train", "07_eval"):
+        cell = nbformat.v4.new_code_cell("SEED = 0" + ("\nSEEDS = None" if name == "07_eval" else ""),
+                                         metadata={"tags": ["parameters"]})
+        nbformat.write(nbformat.v4.new_notebook(cells=[cell]), folder / f"{name}.ipynb")
+    calls = []
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params: calls.append(
+        (output.name, {k: v for k, v in params.items() if k in ("SEED", "SEEDS")})))
+    out = tmp_path / "runs"
+    assert run_study.main(["--notebooks", str(folder), "--out", str(out), "--seeds", "3,1"]) == 0
+    assert calls == [("01_data.ipynb", {"SEED": 3}), ("02_train.ipynb", {"SEED": 3}),
+                     ("02_train.seed1.ipynb", {"SEED": 1}), ("05_train.ipynb", {"SEED": 3}),
+                     ("05_train.seed1.ipynb", {"SEED": 1}), ("07_eval.ipynb", {"SEED": 3, "SEEDS": [3, 1]})]
+    assert "[3/6] 02_train (seed 1) ... ok in" in capsys.readouterr().out
+    [study] = list(out.iterdir())
+    assert len(json.loads((study / "study.json").read_text())["done"]) == 6
+    with pytest.raises(SystemExit, match="not both"):
+        run_study.main(["--notebooks", str(folder), "--out", str(out), "--seeds", "0,1", "--seed", "0"])
+    made = subprocess.run(["make", "-n", "study", "SEEDS=0,1,2"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert "--seeds 0,1,2" in made.stdout, made.stdout + made.stderr
+
+
 def test_make_study_passes_fresh_through():
     made = subprocess.run(["make", "-n", "study", "FRESH=1", "QUICK=1", "MODEL=tiny"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
