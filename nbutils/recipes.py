@@ -10,21 +10,24 @@ same options, so a run made here is the notebook's method, not a copy of it.
   its prompts name the subject by, and its evaluation hooks (P+'s conditioning, SVDiff's cached weights);
 - ``train_recipe``: one training of a method with a recipe on a prepared subject, evaluated at its checkpoints on
   an ``EvalSetup`` grid, into a run folder;
-- ``sweep_rows`` and ``choose_recipe``: a sweep's table (one row per recipe and checkpoint) and the rule that picks
-  its recipe. With a constant learning rate and seeded batches, the checkpoint at step k of a longer run is the
+- ``sweep_rows``, ``choose_recipe``, ``read_sweep`` and ``sweep_figure``: a sweep's table (one row per recipe and
+  checkpoint), the rule that picks its recipe, the committed table (``figures/sweeps/<method>.csv``) and its plot. With a constant learning rate and seeded batches, the checkpoint at step k of a longer run is the
   run of k steps, so the checkpoints sweep the step count for free.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from nbutils.compare import METHODS
 from nbutils.metrics import EvalSuite
-from nbutils.runs import Run
+from nbutils.runs import Run, repo_path
 from nbutils.study import CheckpointEvaluator, EvalSetup, SubjectData, train_and_log
 from nbutils.train import Method, TrainConfig
 
@@ -180,14 +183,84 @@ def sweep_rows(runs: Sequence[Run], baseline: dict) -> list[dict]:
     return rows
 
 
-def choose_recipe(rows: Sequence[dict], baseline: dict) -> dict:
+def choose_recipe(rows: Sequence[dict], baseline: dict | None = None) -> dict:
     """The row with the highest identity among those whose CLIP-T is at least the base model's minus
     ``CLIP_T_TOLERANCE`` (every row when none is), fewer steps breaking ties; the row, with ``"rule"`` saying
-    which set it came from."""
-    floor = baseline["clip_t"] - CLIP_T_TOLERANCE
+    which set it came from. ``baseline``: the base model's scores (``None``: the rows' ``base_clip_t``)."""
+    floor = (rows[0]["base_clip_t"] if baseline is None else baseline["clip_t"]) - CLIP_T_TOLERANCE
     editable = [r for r in rows if r["clip_t"] is not None and r["clip_t"] >= floor]
     pool = editable or list(rows)
     best = max(pool, key=lambda r: (r["identity"], -r["steps"]))
     rule = (f"highest identity with CLIP-T >= {floor:.3f} (base - {CLIP_T_TOLERANCE})" if editable else
             f"no recipe kept CLIP-T >= {floor:.3f}: highest identity of all")
     return {**best, "rule": rule}
+
+
+SWEEPS = "figures/sweeps"
+"""Where ``scripts/sweep.py`` writes each method's table (``<method>.csv``), committed with the study."""
+
+
+def read_sweep(method: str, folder: str | Path = SWEEPS) -> list[dict]:
+    """The rows of ``folder/<method>.csv`` (numbers as numbers, empty cells as ``None``); ``FileNotFoundError``
+    naming the command that writes it."""
+    path = repo_path(folder) / f"{method}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"No sweep table {path}: run scripts/sweep.py --method {method} (see its --help).")
+
+    def value(text: str):
+        if text == "":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    with path.open(encoding="utf-8", newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def recipe_label(row: dict) -> str:
+    """``'lr 0.001, rank 4'``: a row's learning rate and options (what tells its recipe from the others)."""
+    extra = [k for k in row if k not in ("lr", "batch", "steps", "train_s", "run", "rule", "base_identity",
+                                         "base_clip_t", *SWEEP_KEYS)]
+    return ", ".join([f"lr {row['lr']:g}", *(f"{k.replace('_', ' ')} {row[k]:g}" for k in extra)])
+
+
+def describe_choice(chosen: dict) -> str:
+    """One sentence: the chosen recipe, its scores on the validation subject and the rule that chose it."""
+    return (f"Chosen on the validation subject: {recipe_label(chosen)}, {chosen['steps']} steps of batch "
+            f"{chosen['batch']} (identity {chosen['identity']:.3f} vs the base model's {chosen['base_identity']:.3f}, "
+            f"CLIP-T {chosen['clip_t']:.3f} vs {chosen['base_clip_t']:.3f}): {chosen['rule']}.")
+
+
+def sweep_figure(rows: Sequence[dict], chosen: dict, title: str) -> Figure:
+    """Identity (left) and CLIP-T (right) against the step count, one line per recipe (``recipe_label``), the base
+    model and the CLIP-T floor dashed, the ``chosen`` row starred."""
+    from nbutils.viz import new_figure
+
+    fig = new_figure((10, 3.8))
+    axes = fig.subplots(1, 2)
+    recipes: dict[str, list[dict]] = {}
+    for row in rows:
+        recipes.setdefault(recipe_label(row), []).append(row)
+    base = rows[0]
+    for ax, key, name, floor in ((axes[0], "identity", "identity (cosine)", base["base_identity"]),
+                                 (axes[1], "clip_t", "CLIP-T (cosine)", base["base_clip_t"])):
+        for label, points in recipes.items():
+            points = sorted(points, key=lambda r: r["steps"])
+            ax.plot([r["steps"] for r in points], [r[key] for r in points], marker="o", label=label)
+        ax.axhline(floor, color="grey", ls="--", lw=1, label="base model")
+        if key == "clip_t":
+            ax.axhline(floor - CLIP_T_TOLERANCE, color="tab:red", ls=":", lw=1,
+                       label=f"CLIP-T floor (base - {CLIP_T_TOLERANCE})")
+        ax.scatter([chosen["steps"]], [chosen[key]], marker="*", s=220, color="gold", edgecolor="black", zorder=4,
+                   label="chosen")
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    return fig

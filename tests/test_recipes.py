@@ -113,3 +113,22 @@ def test_sweep_script_trains_each_recipe_once_and_writes_its_table(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert again.returncode == 0 and "training into" not in again.stdout and again.stdout.count("done in") == 2
     assert len(list_runs(tmp_path / "store" / "lora", notebook="sweep")) == 2
+
+
+def test_a_committed_sweep_table_reads_back_and_plots_with_its_choice(tmp_path):
+    from nbutils.recipes import describe_choice, read_sweep, sweep_figure
+
+    (tmp_path / "lora.csv").write_text("lr,batch,rank,steps,identity,clip_t,clip_i,success_rate,train_s,"
+                                       "base_identity,base_clip_t,run\n"
+                                       "0.001,4,4,100,0.5,0.6,0.3,,10.0,0.3,0.62,a\n"
+                                       "0.001,4,4,200,0.7,0.5,0.3,0.1,20.0,0.3,0.62,a\n"
+                                       "0.003,4,4,100,0.6,0.58,0.3,0.0,10.0,0.3,0.62,b\n")
+    rows = read_sweep("lora", tmp_path)
+    assert rows[0]["rank"] == 4 and rows[0]["success_rate"] is None and rows[1]["lr"] == 0.001
+    chosen = choose_recipe(rows)
+    assert (chosen["lr"], chosen["steps"]) == (0.003, 100)  # 0.7 lost CLIP-T 0.12 > the tolerance
+    assert describe_choice(chosen).startswith("Chosen on the validation subject: lr 0.003, rank 4, 100 steps")
+    fig = sweep_figure(rows, chosen, "t")
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 + 1  # two recipes and the base model
+    with pytest.raises(FileNotFoundError, match="scripts/sweep.py --method svdiff"):
+        read_sweep("svdiff", tmp_path)
