@@ -11,8 +11,14 @@ which only diffusers reads. The other tools read:
   the safetensors form of A1111's ``.pt`` ``{"string_to_param": {"*": (N, D)}, "name": ...}``. A1111 and ComfyUI
   call the word by the file's name: ``embeddings/my-face.safetensors`` is written ``my-face`` in a prompt.
 
+- pivotal tuning (``nbutils.combos.PivotalTuning``) as both (``export_pivotal``): its token as the embedding, its UNet
+  LoRA as the kohya file, two files to put in the two tools' two folders. Not kohya's one-file ``bundle_emb.<word>.
+  string_to_param.*`` convention, which A1111 reads: diffusers refuses such a file ("Invalid LoRA checkpoint. Make
+  sure all LoRA param names contain 'lora' substring"), so it could not be checked by loading it back.
+
 diffusers reads both formats too (``load_lora_checked`` and ``nbutils.textual_inversion.load_textual_inversion``
-with ``token=``), which is how the tests show an export draws the same pixels as the original.
+with ``token=``, or diffusers' own ``load_lora_weights`` / ``load_textual_inversion``), which is how the tests show
+an export draws the same pixels as the trained pipeline.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from diffusers.utils.state_dict_utils import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from nbutils import lora, textual_inversion
 from nbutils.lora import check_lora_fits
 from nbutils.runs import atomic_write
 from nbutils.textual_inversion import A1111_KEY
@@ -159,3 +166,30 @@ def export_ti_a1111(embedding_file: Path, out: Path, token: str) -> Path:
     vectors = state[token].contiguous()
     atomic_write(out, save({A1111_KEY: vectors}, metadata={"format": "pt", "name": token}))
     return out
+
+
+def export_pivotal(folder: Path, out_dir: Path, name: str) -> dict[str, Path]:
+    """Write the ``nbutils.combos.save_pivotal`` folder ``folder`` for A1111 and ComfyUI into ``out_dir`` (created if
+    missing): ``<name>.safetensors``, the token's vectors as an A1111 embedding (``export_ti_a1111``), and
+    ``<name>-lora.safetensors``, the UNet LoRA in kohya's format (``export_lora_kohya``). Returns
+    ``{"embedding": path, "lora": path}``.
+
+    Where they go: the embedding in A1111's ``embeddings/`` (ComfyUI's ``models/embeddings/``), the LoRA in A1111's
+    ``models/Lora/`` (ComfyUI's ``models/loras/``). A1111's prompt then says ``name`` where the study's said the
+    placeholder, plus ``<lora:<name>-lora:1>``; ComfyUI's says ``embedding:<name>`` and loads the LoRA with a node.
+    ``name``: letters, digits, ``_`` and ``-`` only, since it becomes a word of the prompt.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"Name the export with letters, digits, _ and - only (e.g. 'my-face'), not {name!r}: A1111 "
+                         "and ComfyUI make the embedding's file name a word of the prompt.")
+    lora_file, embedding_file = folder / lora.WEIGHTS_NAME, folder / textual_inversion.WEIGHTS_NAME
+    missing = [p.name for p in (lora_file, embedding_file) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {' and '.join(missing)}: pass the folder that "
+                                "nbutils.combos.save_pivotal wrote.")
+    tokens = list(load_file(embedding_file))
+    if len(tokens) != 1:
+        raise ValueError(f"{embedding_file} holds {tokens}, not one placeholder's vectors: pass a save_pivotal folder.")
+    return {"embedding": export_ti_a1111(embedding_file, out_dir / f"{name}.safetensors", tokens[0]),
+            "lora": export_lora_kohya(lora_file, out_dir / f"{name}-lora.safetensors")}

@@ -1,10 +1,13 @@
 """Exports for other tools on the tiny random pipeline: names and alpha of the kohya LoRA, A1111's embedding, the
-same pixels when diffusers loads each export in a fresh pipeline, and bad input refused with the fix."""
+same pixels when diffusers loads each export in a fresh pipeline (of randomised weights, and of runs trained by
+``nbutils.train``), and bad input refused with the fix."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -12,13 +15,49 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nbutils.combos import PivotalTuning, load_pivotal, save_pivotal
-from nbutils.exports import export_lora_kohya, export_ti_a1111, load_lora_checked
+from nbutils.exports import export_lora_kohya, export_pivotal, export_ti_a1111, load_lora_checked
 from nbutils.lora import LoRA, add_lora, load_lora, lora_layers
 from nbutils.models import build_tiny_pipeline
+from nbutils.runs import new_run
+from nbutils.sampling import generate
 from nbutils.textual_inversion import TextualInversion, load_textual_inversion
+from nbutils.toyworld import TOY_SUBJECT, portraits, render
+from nbutils.train import TrainConfig, train
 
 PROMPT = "a watercolor painting of <sks> person"
 Q = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a kohya layer name
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    """Three 32 px renders of the toy subject, captioned with the placeholder ``<sks>``."""
+    people = portraits(0, 3, identity=TOY_SUBJECT)
+    return [(render(p, 32), f"a photo of <sks> person, view {i}") for i, p in enumerate(people)]
+
+
+def trained(method, dataset, run_dir: Path):
+    """``method`` after 2 steps of ``nbutils.train.train`` (batch 2, lr 5e-2, 32 px); its final checkpoint folder."""
+    cfg = TrainConfig(steps=2, batch_size=2, lr=5e-2, resolution=32)
+    return train(method, dataset, cfg, new_run("t", {}, out_dir=run_dir)).checkpoint
+
+
+def drawn(pipe, prompt: str = PROMPT) -> np.ndarray:
+    """Two seeded 32 px images from ``nbutils.sampling.generate`` (2 steps, guidance 2) as (2, 32, 32, 3) uint8."""
+    images = generate(pipe, prompt, [0, 1], steps=2, guidance_scale=2.0, progress=False)
+    return np.stack([np.asarray(image) for image in images])
+
+
+def assert_kohya_names(state: dict[str, torch.Tensor], rank: int, alpha: float) -> None:
+    """Every tensor is one of kohya's three per layer (``lora_unet_<layer>`` / ``lora_te_text_model_<layer>``, dots
+    as ``_``): ``.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r), ``.alpha`` (0-d float32)."""
+    pattern = r"lora_(unet|te_text_model)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)"
+    assert state and all(re.fullmatch(pattern, k) for k in state), sorted(state)[:3]
+    layers = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+    assert len(state) == 3 * len(layers)
+    for layer in layers:
+        down, up, a = (state[f"{layer}.{part}"] for part in ("lora_down.weight", "lora_up.weight", "alpha"))
+        assert down.shape[0] == rank and up.shape[1] == rank
+        assert a.shape == () and a.dtype == torch.float32 and a.item() == alpha
 
 
 def tiny() -> StableDiffusionPipeline:
@@ -188,3 +227,66 @@ def test_an_embedding_of_another_width_is_refused_in_either_format(tmp_path):
                                              r"model's text encoder takes token embeddings 32 wide"):
             load_textual_inversion(fresh, file, token="<sks>")
     assert len(fresh.tokenizer) == vocab and fresh.text_encoder.get_input_embeddings().num_embeddings == vocab
+
+
+def test_trained_lora_exported_for_kohya_draws_the_trained_pixels_through_diffusers_loader(tmp_path, dataset):
+    pipe = tiny()
+    lora = LoRA(pipe, rank=4, alpha=8, train_text_encoder=True)
+    checkpoint = trained(lora, dataset, tmp_path / "runs")
+    out = export_lora_kohya(checkpoint / "pytorch_lora_weights.safetensors", tmp_path / "sks-lora.safetensors")
+    state = load_file(out)
+    assert_kohya_names(state, rank=4, alpha=8.0)
+    assert {k.split("_")[1] for k in state} == {"unet", "te"}  # both adapted parts, by kohya's prefixes
+    assert torch.equal(state[f"lora_unet_{Q}.lora_up.weight"],
+                       pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.lora_B.default.weight)
+
+    fresh = tiny()
+    fresh.load_lora_weights(str(out.parent), weight_name=out.name)  # diffusers' own reader of kohya files
+    expected = drawn(pipe)
+    assert np.array_equal(drawn(fresh), expected)
+    assert not np.array_equal(drawn(tiny()), expected)  # the comparison can fail: the base model draws otherwise
+
+
+def test_trained_embedding_exported_for_a1111_draws_the_trained_pixels_through_diffusers_loader(tmp_path, dataset):
+    pipe = tiny()
+    ti = TextualInversion(pipe, "<sks>", num_vectors=2)
+    checkpoint = trained(ti, dataset, tmp_path / "runs")
+    out = export_ti_a1111(checkpoint / "learned_embeds.safetensors", tmp_path / "sks.safetensors", "<sks>")
+    assert list(load_file(out)) == ["emb_params"] and torch.equal(load_file(out)["emb_params"], ti.embeds)
+
+    fresh = tiny()
+    fresh.load_textual_inversion(str(out), token="<sks>")  # diffusers' own loader: one tensor, the token's rows
+    expected = drawn(pipe)
+    assert np.array_equal(drawn(fresh), expected)
+    assert not np.array_equal(drawn(pipe, "a photo of person"), expected)
+
+
+def test_trained_pivotal_tuning_exported_as_two_files_draws_the_trained_pixels(tmp_path, dataset):
+    pipe = tiny()
+    method = PivotalTuning(pipe, rank=4, alpha=8, token_lr=5e-2)
+    trained(method, dataset, tmp_path / "runs")
+    folder = save_pivotal(method, tmp_path / "pivotal")
+    files = export_pivotal(folder, tmp_path / "a1111", "my-face")
+    assert files == {"embedding": tmp_path / "a1111" / "my-face.safetensors",
+                     "lora": tmp_path / "a1111" / "my-face-lora.safetensors"}
+    assert sorted(p.name for p in (tmp_path / "a1111").iterdir()) == ["my-face-lora.safetensors", "my-face.safetensors"]
+    assert_kohya_names(load_file(files["lora"]), rank=4, alpha=8.0)
+    assert {k.split("_")[1] for k in load_file(files["lora"])} == {"unet"}  # the token, not a text-encoder LoRA
+    assert torch.equal(load_file(files["embedding"])["emb_params"], method.ti.embeds)
+
+    fresh = tiny()
+    fresh.load_textual_inversion(str(files["embedding"]), token="<sks>")
+    fresh.load_lora_weights(str(files["lora"].parent), weight_name=files["lora"].name)
+    expected = drawn(pipe)
+    assert np.array_equal(drawn(fresh), expected)
+    lora_only = tiny()  # each file matters: the LoRA without the token draws otherwise
+    lora_only.load_lora_weights(str(files["lora"].parent), weight_name=files["lora"].name)
+    assert not np.array_equal(drawn(lora_only, "a photo of person"), expected)
+    assert not np.array_equal(drawn(tiny(), "a photo of person"), expected)
+
+    with pytest.raises(ValueError, match=r"letters, digits, _ and - only \(e\.g\. 'my-face'\), not 'my face'"):
+        export_pivotal(folder, tmp_path / "again", "my face")
+    with pytest.raises(FileNotFoundError, match=r"lacks pytorch_lora_weights\.safetensors and learned_embeds\."
+                                                r"safetensors: pass the folder that nbutils\.combos\.save_pivotal"):
+        export_pivotal(tmp_path / "runs", tmp_path / "again", "my-face")
+    assert not (tmp_path / "again").exists()
