@@ -47,13 +47,15 @@ PORTRAIT_ARGS = $(if $(PHOTOS),--photos "$(PHOTOS)") $(if $(SCENE),--scene "$(SC
 portrait: venv
 	$(PY) scripts/make_portrait.py --quick $(QUICK) $(strip $(PORTRAIT_ARGS))
 
-# `make lab`: JupyterLab on notebooks/, from the venv; new notebooks get its kernel "portrait-studio" (registered by
-# `make venv`), and the committed ones run in the same Python whichever of its two names they record. It serves on
-# localhost and prints the address with its token; Ctrl-C stops it. Jupyter refuses root without --allow-root.
+# `make lab`: JupyterLab on notebooks/, from the venv; new notebooks get its kernel "portrait-studio", registered
+# again first since that name is per user and another clone's venv may have taken it, and the committed ones run in
+# the same Python whichever of its two names they record. It serves on localhost and prints the address with its
+# token; Ctrl-C twice stops it. Jupyter refuses root without --allow-root.
 LAB_ARGS = --ServerApp.root_dir=notebooks --MappingKernelManager.default_kernel_name=portrait-studio \
 	$(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: venv
+	$(PY) -m ipykernel install --user --name portrait-studio --display-name "portrait-studio" >/dev/null
 	$(VENV)/bin/jupyter lab $(strip $(LAB_ARGS))
 
 test: venv
