@@ -10,6 +10,7 @@ same options, so a run made here is the notebook's method, not a copy of it.
   its prompts name the subject by, and its evaluation hooks (P+'s conditioning, SVDiff's cached weights);
 - ``train_recipe``: one training of a method with a recipe on a prepared subject, evaluated at its checkpoints on
   an ``EvalSetup`` grid, into a run folder;
+- ``default_recipe``: a method's default training recipe per tier: on the toy tier its sweep's choice;
 - ``sweep_rows``, ``choose_recipe``, ``read_sweep`` and ``sweep_figure``: a sweep's table (one row per recipe and
   checkpoint), the rule that picks its recipe, the committed table (``figures/sweeps/<method>.csv``) and its plot. With a constant learning rate and seeded batches, the checkpoint at step k of a longer run is the
   run of k steps, so the checkpoints sweep the step count for free.
@@ -17,7 +18,7 @@ same options, so a run made here is the notebook's method, not a copy of it.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -162,7 +163,8 @@ CLIP_T_TOLERANCE = 0.05
 
 
 def sweep_rows(runs: Sequence[Run], baseline: dict) -> list[dict]:
-    """One row per finished sweep run and evaluated checkpoint (step > 0): ``lr``, ``batch``, the run's options,
+    """One row per finished sweep run and evaluated checkpoint (step > 0): ``lr``, ``batch``, the run's options
+    (every option of its method, defaults included),
     ``steps``, ``SWEEP_KEYS``, ``train_s`` (the run's training seconds pro rata to ``steps``), ``base_identity``
     and ``base_clip_t`` (``baseline``'s), ``run`` (folder name); oldest run first."""
     rows = []
@@ -173,7 +175,8 @@ def sweep_rows(runs: Sequence[Run], baseline: dict) -> list[dict]:
         for point in run.metrics.get("series", {}).get("eval", []):
             if point["step"] == 0:
                 continue
-            rows.append({"lr": params["train"]["lr"], "batch": params["train"]["batch_size"], **params["options"],
+            options = {**OPTIONS.get(params["method"], {}), **params["options"]}  # defaults named: comparable
+            rows.append({"lr": params["train"]["lr"], "batch": params["train"]["batch_size"], **options,
                          "steps": point["step"], **{k: point.get(k) for k in SWEEP_KEYS},
                          "train_s": None if total is None else round(total * point["step"] / params["train"]["steps"],
                                                                      1),
@@ -264,3 +267,29 @@ def sweep_figure(rows: Sequence[dict], chosen: dict, title: str) -> Figure:
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(title)
     return fig
+
+
+CONFIG_MODULE = {"textual_inversion": "textual_inversion", "pplus": "pplus", "lora": "lora", "svdiff": "svdiff",
+                 "dreambooth": "dreambooth", "dreambooth_no_prior": "dreambooth", "dreambooth_ti": "dreambooth",
+                 "pivotal_tuning": "lora"}
+"""The ``nbutils`` module whose ``default_config`` holds a method's recipe on the tiers without a sweep."""
+
+
+def default_recipe(name: str, tier: str, quick: bool = False, folder: str | Path = SWEEPS) -> tuple[TrainConfig, dict]:
+    """``(TrainConfig, options)``: ``name``'s default recipe on ``tier``. On the toy tier the committed sweep's
+    choice (``choose_recipe(read_sweep(name))``: learning rate, batch, steps and options such as LoRA's rank),
+    evaluated every quarter of the steps but at most every 50; elsewhere ``default_config(tier)`` of its module
+    (``CONFIG_MODULE``) and no options. ``quick``: a tenth of the steps, as ``nbutils.train.config_for_tier``."""
+    import importlib
+
+    from nbutils.train import config_for_tier
+
+    check_options(name, {})
+    module = importlib.import_module(f"nbutils.{CONFIG_MODULE[name]}")
+    if tier != "toy":
+        return module.default_config(tier, quick), {}
+    chosen = choose_recipe(read_sweep(name, folder))
+    steps = int(chosen["steps"])
+    preset = replace(module.default_config(tier), lr=float(chosen["lr"]), batch_size=int(chosen["batch"]),
+                     steps=steps, checkpoint_every=min(steps, max(50, steps // 4)))
+    return config_for_tier(tier, quick, {tier: preset}), {k: chosen[k] for k in OPTIONS[name] if k in chosen}

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nbutils.compare import METHODS  # noqa: E402
-from nbutils.recipes import CLASS_PHRASE, OPTIONS, SWEEP_KEYS, choose_recipe, sweep_rows, train_recipe  # noqa: E402
+from nbutils.recipes import (CLASS_PHRASE, OPTIONS, SWEEP_KEYS, check_options, choose_recipe, sweep_rows,
+                             train_recipe)  # noqa: E402
 from nbutils.runs import atomic_write, atomic_write_json, list_runs, new_run, to_jsonable  # noqa: E402
 from nbutils.study import eval_setup, load_subject_dataset  # noqa: E402
 from nbutils.train import TrainConfig  # noqa: E402
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
                               checkpoint_every=args.every, resolution=setup_resolution(ref))
             params = to_jsonable(dict(method=args.method, train=vars(cfg), options=options, eval=setup.as_dict()),
                                  "params")
-            done = [r for r in list_runs(method_dir, notebook="sweep") if r.finished and r.config["params"] == params]
+            done = [r for r in list_runs(method_dir, notebook="sweep")
+                    if r.finished and same_recipe(r.config["params"], params)]
             if done:
                 print(f"{args.method} lr {lr:g} {options}: done in {done[-1].path}")
                 continue
@@ -132,6 +134,13 @@ def main(argv=None) -> int:
     print(f"table: {csv_path} ({len(rows)} rows, scores {', '.join(SWEEP_KEYS)})")
     print("chosen:", json.dumps(choice))
     return 0
+
+
+def same_recipe(theirs: dict, ours: dict) -> bool:
+    """Whether two sweep runs' parameters name the same recipe (an option left at its default counts as given)."""
+    def named(params: dict) -> dict:
+        return {**params, "options": check_options(params["method"], params["options"])}
+    return named(theirs) == named(ours)
 
 
 def setup_resolution(ref: str) -> int:

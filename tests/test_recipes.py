@@ -86,7 +86,7 @@ def test_the_choice_keeps_editability_then_identity_then_fewer_steps():
 def test_sweep_rows_read_every_checkpoint_of_finished_runs(tmp_path):
     base = {"identity": 0.1, "clip_t": 0.5}
     for finished in (True, False):
-        run = new_run("sweep", {"method": "lora", "options": {"rank": 4},
+        run = new_run("sweep", {"method": "lora", "options": {} if finished else {"rank": 8},
                                 "train": {"lr": 1e-3, "batch_size": 4, "steps": 4}}, out_dir=tmp_path)
         for step in (0, 2, 4):
             run.log_series("eval", step, identity=0.1 * step, clip_t=0.5)
@@ -132,3 +132,20 @@ def test_a_committed_sweep_table_reads_back_and_plots_with_its_choice(tmp_path):
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 + 1  # two recipes and the base model
     with pytest.raises(FileNotFoundError, match="scripts/sweep.py --method svdiff"):
         read_sweep("svdiff", tmp_path)
+
+
+def test_default_recipe_is_the_sweeps_choice_on_the_toy_tier_and_the_module_default_elsewhere(tmp_path):
+    from nbutils.lora import default_config as lora_config
+    from nbutils.recipes import default_recipe
+
+    (tmp_path / "pivotal_tuning.csv").write_text(
+        "lr,batch,rank,steps,identity,clip_t,clip_i,success_rate,train_s,base_identity,base_clip_t,run\n"
+        "0.002,4,16,300,0.7,0.6,0.3,0.2,30.0,0.3,0.62,a\n0.002,4,16,400,0.6,0.6,0.3,0.2,40.0,0.3,0.62,a\n")
+    cfg, options = default_recipe("pivotal_tuning", "toy", folder=tmp_path)
+    assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.checkpoint_every, cfg.resolution) == (0.002, 4, 300, 75, 64)
+    assert options == {"rank": 16}
+    quick, _ = default_recipe("pivotal_tuning", "toy", quick=True, folder=tmp_path)
+    assert (quick.steps, quick.checkpoint_every) == (30, 15)
+    assert default_recipe("pivotal_tuning", "real", folder=tmp_path) == (lora_config("real"), {})
+    with pytest.raises(FileNotFoundError, match="sweep.py --method lora"):
+        default_recipe("lora", "toy", folder=tmp_path)
