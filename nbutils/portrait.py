@@ -1,17 +1,20 @@
 """The end-to-end portrait (notebook 08, ``make portrait``): the plumbing between the study's own pieces.
 
 Photos -> notebook 01's helpers (``nbutils.photos``, ``nbutils.faces``, ``nbutils.augment``) -> a method's
-artifact, reused from the results store when one matches (``nbutils.personalised``) or trained with the study's
-loop -> a scene prompt -> a stylisation route (``ROUTES``) -> a handful of candidates scored for identity, scene and
-style -> the chosen portrait, saved with its recipe in its PNG text chunks (``nbutils.runs.Run.save_image``).
+artifact, reused from the results store when one matches (``nbutils.personalised``) or trained by name with the
+notebooks' own constructors (``nbutils.recipes.train_recipe``) -> a scene prompt -> a stylisation route
+(``ROUTES``) -> a handful of candidates scored for identity, scene and style -> the chosen portrait, saved with
+its recipe in its PNG text chunks (``nbutils.runs.Run.save_image``).
 
 - ``check_inputs``: every input checked before anything trains (photos, method, route, scene, style, style
   image); a bad one raises ``PortraitInputError`` saying what to do;
 - ``parse_scene_style``: the scene and style as prompts with ``{S}`` where the subject goes (the subject's word
   added when the scene lacks it);
 - ``scene_captions``: the drawn toy subjects' captions name their scene (notebook 00's capacity-check recipe);
-- ``dataset_fingerprint``, ``find_trained``, ``pareto_choice``, ``named_run``: which artifact to draw with;
+- ``dataset_fingerprint``, ``find_trained`` (``not_reused``: why not), ``pareto_choice``, ``named_run``: which
+  artifact to draw with;
 - ``fast_recipe``: the documented default when the store holds none (DreamBooth without prior preservation);
+  ``recipe_for``, ``training_code``, ``class_images_for``, ``save_loadable``: training any other method here;
 - ``make_candidates``, ``score_candidates``, ``choose``, ``contact_sheet``: candidates to the chosen portrait.
 """
 from __future__ import annotations
@@ -46,8 +49,16 @@ capacity check (every UNet weight, no prior preservation, 400 steps of batch 4 a
 TRAIN_NOTEBOOK = "08_portrait_training"
 """The run folders the portrait trains into (``config["method"]`` stays empty, so notebook 07 does not compare
 them with the method notebooks' runs; the method is ``params["METHOD"]``)."""
-TRAINABLE = ("dreambooth_no_prior",)
-"""The methods this notebook trains itself; the others are reused from notebooks 02-05's runs."""
+TRAINING_CODE: dict[str, tuple[str, ...]] = {
+    "textual_inversion": ("textual_inversion",),
+    "pplus": ("pplus", "textual_inversion"),
+    "lora": ("lora", "svdiff", "textual_inversion"),
+    "svdiff": ("lora", "svdiff", "textual_inversion"),
+    **dict.fromkeys(("dreambooth", "dreambooth_no_prior", "dreambooth_ti", "pivotal_tuning"),
+                    ("dreambooth", "combos", "lora", "textual_inversion")),
+}
+"""``{method: nbutils modules}``: the code each method notebook fingerprints (its ``resume_or_new_run(code=...)``);
+the portrait adds ``recipes``, which builds the method (``training_code``)."""
 
 
 class PortraitInputError(ValueError):
@@ -252,6 +263,56 @@ def fast_recipe(tier: str, quick: bool) -> TrainConfig:
     return replace(default_config("real", quick), checkpoint_every=0)
 
 
+def recipe_for(method: str, tier: str, quick: bool) -> TrainConfig:
+    """The recipe this notebook trains ``method`` with: ``fast_recipe`` for ``DEFAULT_METHOD``, else the tier's
+    default of the method's module (``default_config(tier, quick)`` of ``textual_inversion``, ``pplus``, ``lora``,
+    ``svdiff``, ``dreambooth`` for the three DreamBooth methods, ``lora`` for pivotal tuning) with one checkpoint,
+    at the end (``checkpoint_every=0``): the portrait scores and draws only the trained model."""
+    from nbutils import dreambooth, lora, pplus, svdiff, textual_inversion
+
+    if method not in METHODS:
+        raise PortraitInputError(f"METHOD={method!r} is unknown: use one of {', '.join(METHODS)}.")
+    if method == DEFAULT_METHOD:
+        return fast_recipe(tier, quick)
+    module = {"textual_inversion": textual_inversion, "pplus": pplus, "lora": lora, "svdiff": svdiff,
+              "pivotal_tuning": lora}.get(method, dreambooth)
+    return replace(module.default_config(tier, quick), checkpoint_every=0)
+
+
+def training_code(method: str) -> list[str]:
+    """The ``nbutils`` modules whose source fingerprints (``nbutils.runs.code_version``) a portrait training of
+    ``method``: the method notebook's own (``TRAINING_CODE``) plus ``recipes``; an edit of any of them trains
+    again instead of reusing."""
+    return [*TRAINING_CODE[method], "recipes"]
+
+
+def class_images_for(method: str, model_ref: str, setup, *, quick: bool, seed: int, cache_dir=None):
+    """DreamBooth's prior for ``method``: ``nbutils.dreambooth.ensure_class_images`` with the tier's
+    ``class_image_count`` drawn by the base model on ``setup``'s sampler (notebook 05's call, so its cache is
+    shared), for ``dreambooth`` and ``dreambooth_ti`` (their prior weight is 1); ``None`` for the other methods.
+    ``model_ref``: a resolved reference (``nbutils.models.resolve_model``); ``cache_dir``: ``None`` is
+    ``nbutils.dreambooth.CLASS_CACHE``."""
+    if method not in ("dreambooth", "dreambooth_ti"):
+        return None
+    from nbutils.dreambooth import class_image_count, ensure_class_images
+    from nbutils.models import load_pipeline, model_tier
+
+    return ensure_class_images(load_pipeline(model_ref, dtype=torch.float32),
+                               class_image_count(model_tier(model_ref), quick), steps=setup.steps,
+                               guidance_scale=setup.guidance_scale, seed=seed, model=model_ref,
+                               cache_dir=cache_dir)
+
+
+def save_loadable(method: str, trained, run: Run) -> None:
+    """What ``nbutils.personalised.load_personalised`` reads besides the last checkpoint: pivotal tuning's
+    ``artifacts/pivotal`` folder (``nbutils.combos.save_pivotal``, as notebook 05 writes it); nothing for the
+    other methods."""
+    if method == "pivotal_tuning":
+        from nbutils.combos import save_pivotal
+
+        save_pivotal(trained, run.artifact_path("pivotal"))
+
+
 def _references_fingerprint(run: Run) -> str | None:
     """The fingerprint of the unaugmented photos of the dataset ``run`` was evaluated on (``None``: unreadable)."""
     from nbutils.study import load_subject_dataset
@@ -273,6 +334,20 @@ def find_trained(out_dir: str | Path, params: dict) -> Run | None:
         if run.finished and not differing_keys(ours, theirs) and list_checkpoints(run):
             return run
     return None
+
+
+def not_reused(out_dir: str | Path, params: dict) -> str | None:
+    """Why ``find_trained`` found nothing although a finished training differs from ``params`` only in its
+    ``code_version`` (an edit of one of the method's modules since, ``training_code``): a note naming it, else
+    ``None``."""
+    if "code_version" not in params or find_trained(out_dir, params) is not None:
+        return None
+    older = find_trained(out_dir, {k: v for k, v in params.items() if k != "code_version"})
+    if older is None:
+        return None
+    return (f"not reusing {older.path}: same method, photos and recipe, but trained by another version of the "
+            f"method's code ({older.config['params'].get('code_version')}, now {params['code_version']}); "
+            "training again.")
 
 
 def as_method_run(run: Run, method: str) -> Run:
@@ -321,9 +396,9 @@ def choose_source(
     out_dir: str | Path, method: str, fingerprint: str, *, model: str, quick: bool, seed: int
 ) -> tuple[str, Run | None, list[str]]:
     """``(method, run to reuse or None, notes)`` for ``METHOD``: ``"auto"`` is ``pareto_choice``, else
-    ``DEFAULT_METHOD`` to train (a note says so); a method name is ``named_run``; a run folder is that run. A named
-    method without a run of these photos that this notebook cannot train (not in ``TRAINABLE``) raises
-    ``PortraitInputError`` naming its notebook, before any training."""
+    ``DEFAULT_METHOD`` to train (a note says so); a method name is ``named_run``, else ``None``: the notebook
+    trains it (a note says with which recipe, and that an earlier portrait training of it is reused); a run folder
+    is that run."""
     if method == "auto":
         chosen, run, notes = pareto_choice(out_dir, fingerprint, model=model, quick=quick, seed=seed)
         if run is None:
@@ -333,11 +408,13 @@ def choose_source(
         return chosen, run, notes
     if method in METHODS:
         run = named_run(out_dir, method, fingerprint, model=model, quick=quick, seed=seed)
-        if run is None and method not in TRAINABLE:
-            raise PortraitInputError(f"No finished {label(method)} run of these photos in {out_dir}: run "
-                                     f"notebooks/{METHODS[method][1]}_*.ipynb on them first (or make study), or set "
-                                     f"METHOD='auto' or '{DEFAULT_METHOD}' (trained here).")
-        return method, run, []
+        if run is not None:
+            return method, run, []
+        recipe = ("notebook 00's capacity-check recipe" if method == DEFAULT_METHOD else
+                  f"its tier's default recipe (notebook {METHODS[method][1]}'s starting point)")
+        return method, None, [f"No finished {label(method)} run of these photos in {out_dir} (notebook "
+                              f"{METHODS[method][1]}): it is trained here with {recipe}, unless an earlier "
+                              "portrait trained it the same way."]
     from nbutils.runs import load_run
 
     run = load_run(method)

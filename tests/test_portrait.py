@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -112,6 +113,50 @@ def test_find_trained_reuses_only_a_finished_run_with_the_same_recipe_and_a_chec
     assert pt.find_trained(tmp_run_dir, params).path == run.path
     assert pt.find_trained(tmp_run_dir, {**params, "cfg": {"steps": 5}}) is None
     assert pt.as_method_run(run, "dreambooth_no_prior").method == "dreambooth_no_prior" and run.method == ""
+    assert pt.not_reused(tmp_run_dir, params) is None  # reused: nothing to explain
+    older = new_run(pt.TRAIN_NOTEBOOK, {**params, "code_version": "old"}, out_dir=tmp_run_dir)
+    (older.path / "artifacts" / "checkpoints" / "step-4").mkdir(parents=True)
+    (older.path / "artifacts" / "checkpoints" / "step-4" / "state.json").write_text("{}")
+    older.finish()
+    assert pt.not_reused(tmp_run_dir, {**params, "code_version": "old"}) is None
+    edited = {**params, "code_version": "new"}
+    assert pt.find_trained(tmp_run_dir, edited) is None  # an edit of the method's code trains again ...
+    assert f"not reusing {older.path}" in pt.not_reused(tmp_run_dir, edited)  # ... and says why
+    assert "another version of the method's code (old, now new)" in pt.not_reused(tmp_run_dir, edited)
+
+
+def test_each_method_trains_with_its_modules_default_recipe_and_the_default_with_the_fast_one():
+    from nbutils import dreambooth, lora, textual_inversion
+    from nbutils.compare import METHODS
+
+    assert pt.recipe_for("dreambooth_no_prior", "toy", False) == pt.fast_recipe("toy", False)
+    assert pt.fast_recipe("toy", False).steps == 400
+    lora_toy = pt.recipe_for("lora", "toy", False)
+    assert (lora_toy.steps, lora_toy.batch_size, lora_toy.lr) == (300, 8, 1e-3) and lora_toy.checkpoint_every == 0
+    assert pt.recipe_for("pivotal_tuning", "toy", False) == lora_toy
+    assert pt.recipe_for("dreambooth_ti", "tiny", True) == replace(dreambooth.default_config("tiny", True),
+                                                                   checkpoint_every=0)
+    assert pt.recipe_for("textual_inversion", "real", False).steps == textual_inversion.default_config("real").steps
+    assert lora.default_config("toy").checkpoint_every == 100  # the notebooks' checkpoints; the portrait's: 1
+    for name in METHODS:
+        assert pt.recipe_for(name, "tiny", True).steps >= 2 and "recipes" in pt.training_code(name)
+    assert pt.training_code("lora") == ["lora", "svdiff", "textual_inversion", "recipes"]
+    with pytest.raises(pt.PortraitInputError, match="unknown"):
+        pt.recipe_for("nope", "toy", False)
+
+
+def test_a_named_method_without_a_run_is_trained_here_and_only_dreambooth_with_a_prior_gets_class_images(
+        tmp_run_dir, tmp_path):
+    from nbutils.models import resolve_model
+    from nbutils.study import eval_setup
+
+    method, run, notes = pt.choose_source(tmp_run_dir, "svdiff", "abc", model="tiny", quick=True, seed=0)
+    assert (method, run) == ("svdiff", None) and "trained here with its tier's default recipe" in notes[0]
+    ref = resolve_model("tiny")
+    setup = eval_setup(ref, tmp_path, seed=0, quick=True)
+    assert pt.class_images_for("lora", ref, setup, quick=True, seed=0, cache_dir=tmp_path) is None
+    prior = pt.class_images_for("dreambooth", ref, setup, quick=True, seed=0, cache_dir=tmp_path / "cls")
+    assert len(prior.images) == 2 and prior.images[0].size == (32, 32)  # class_image_count("tiny", quick=True)
 
 
 def test_pareto_choice_on_an_empty_store_says_so(tmp_run_dir):
@@ -156,3 +201,75 @@ def test_make_portrait_end_to_end_in_quick_mode_and_bad_input_stops_before_train
     bad = _make_portrait(out, "METHOD=nope")
     assert bad.returncode == 2 and "stopped before any training: METHOD='nope' is unknown" in bad.stdout
     assert len(list_runs(out, notebook=pt.TRAIN_NOTEBOOK)) == 1
+
+
+@pytest.mark.parametrize("method, phrase", [("lora", "sks person"), ("textual_inversion", "<sks> person")])
+def test_a_named_method_with_an_empty_store_trains_here_and_the_second_portrait_reuses_it(method, phrase,
+                                                                                          tmp_path):
+    from nbutils.compare import label
+    from nbutils.personalised import load_personalised
+
+    out = tmp_path / "runs"
+    first = _make_portrait(out, f"METHOD={method}")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"training {label(method)}: 2 steps of batch 2" in first.stdout  # its module's tiny QUICK recipe
+    trained = list_runs(out, notebook=pt.TRAIN_NOTEBOOK)
+    assert len(trained) == 1 and trained[0].finished and trained[0].config["params"]["METHOD"] == method
+    loaded = load_personalised(pt.as_method_run(trained[0], method))  # dispatched on the method
+    assert loaded.subject_phrase == phrase
+    assert ("<sks>" in loaded.pipe.tokenizer.get_vocab()) == (method == "textual_inversion")
+    portrait = list_runs(out, notebook="08_portrait")[-1]
+    meta = read_png_metadata(portrait.path / "images" / "portrait.png")
+    assert meta["method"] == method and meta["prompt"] == f"a watercolor painting of {phrase}, in a forest"
+    assert meta["source_run"] == str(trained[0].path) and meta["train"]["cfg"]["steps"] == 2
+
+    again = _make_portrait(out, f"METHOD={method}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"reusing the trained {label(method)} in {trained[0].path}" in again.stdout
+    assert "] training" not in again.stdout
+    assert len(list_runs(out, notebook=pt.TRAIN_NOTEBOOK)) == 1
+    second = list_runs(out, notebook="08_portrait")[-1]
+    assert second.path != portrait.path and second.metrics["source_run"] == str(trained[0].path)
+
+
+@pytest.fixture(scope="module")
+def tiny_subject(tmp_path_factory):
+    from nbutils.study import SubjectData
+    from nbutils.toyworld import TOY_SUBJECT, portraits, render
+
+    pairs = [(render(p, 32), f"a photo of sks person, view {i}")
+             for i, p in enumerate(portraits(0, 3, identity=TOY_SUBJECT))]
+    return SubjectData(tmp_path_factory.mktemp("data"), pairs, [image for image, _ in pairs], "sks")
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "pplus", "lora", "svdiff", "dreambooth",
+                                    "dreambooth_no_prior", "dreambooth_ti", "pivotal_tuning"])
+def test_every_method_trained_as_the_notebook_does_is_found_again_and_loads_back(method, tiny_subject, tmp_path):
+    from nbutils.compare import METHODS
+    from nbutils.metrics import suite_for_tier
+    from nbutils.models import resolve_model
+    from nbutils.personalised import load_personalised
+    from nbutils.recipes import train_recipe
+    from nbutils.runs import code_version
+    from nbutils.study import eval_setup
+
+    assert set(METHODS) == set(pt.TRAINING_CODE)
+    ref = resolve_model("tiny")
+    cfg = pt.recipe_for(method, "tiny", True)
+    params = dict(METHOD=method, model_ref=ref, dataset="abc", cfg=vars(cfg),
+                  code_version=code_version(pt.training_code(method)))
+    setup = eval_setup(ref, tiny_subject.path, seed=0, quick=True, n_samples=1)
+    class_images = pt.class_images_for(method, ref, setup, quick=True, seed=0, cache_dir=tmp_path / "cls")
+    assert (class_images is not None) == (method in ("dreambooth", "dreambooth_ti"))
+    run = new_run(pt.TRAIN_NOTEBOOK, {**params, "eval": setup.as_dict()}, out_dir=tmp_path / "runs")
+    trained, evaluator, _ = train_recipe(method, ref, tiny_subject, setup, suite_for_tier("tiny"), cfg, run,
+                                         class_images=class_images)
+    pt.save_loadable(method, trained, run)
+    run.finish()
+    assert sorted(evaluator.scores) == [0, cfg.steps]  # the base model, then the one checkpoint at the end
+    assert pt.find_trained(tmp_path / "runs", params).path == run.path
+    loaded = load_personalised(pt.as_method_run(run, method))
+    uses_token = method in ("textual_inversion", "pplus", "dreambooth_ti", "pivotal_tuning")
+    assert loaded.subject_phrase == ("<sks> person" if uses_token else "sks person")
+    assert ("<sks>" in loaded.pipe.tokenizer.get_vocab()) == uses_token
+    assert (loaded.embed is not None) == (method == "pplus")
