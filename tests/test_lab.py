@@ -29,7 +29,8 @@ def test_the_venvs_jupyter_lab_is_the_pinned_version():
 
 def test_make_lab_opens_the_notebooks_with_the_venvs_jupyter_and_the_project_kernel():
     venv = VENV_BIN.parent
-    out = subprocess.run(["make", "-n", "lab", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["make", "-n", "--no-print-directory", "lab", f"VENV={venv}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # under make test: no "Leaving directory"
     assert out.returncode == 0, out.stderr
     register, start = out.stdout.strip().splitlines()[-2:]
     assert register.startswith(f"{venv}/bin/python -m ipykernel install --user --name portrait-studio ")
