@@ -268,14 +268,15 @@ def recipe_for(method: str, tier: str, quick: bool) -> TrainConfig:
     default of the method's module (``default_config(tier, quick)`` of ``textual_inversion``, ``pplus``, ``lora``,
     ``svdiff``, ``dreambooth`` for the three DreamBooth methods, ``lora`` for pivotal tuning) with one checkpoint,
     at the end (``checkpoint_every=0``): the portrait scores and draws only the trained model."""
-    from nbutils import dreambooth, lora, pplus, svdiff, textual_inversion
+    import importlib
+
+    from nbutils.recipes import CONFIG_MODULE
 
     if method not in METHODS:
         raise PortraitInputError(f"METHOD={method!r} is unknown: use one of {', '.join(METHODS)}.")
     if method == DEFAULT_METHOD:
         return fast_recipe(tier, quick)
-    module = {"textual_inversion": textual_inversion, "pplus": pplus, "lora": lora, "svdiff": svdiff,
-              "pivotal_tuning": lora}.get(method, dreambooth)
+    module = importlib.import_module(f"nbutils.{CONFIG_MODULE[method]}")
     return replace(module.default_config(tier, quick), checkpoint_every=0)
 
 

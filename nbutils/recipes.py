@@ -11,7 +11,7 @@ same options, so a run made here is the notebook's method, not a copy of it.
 - ``train_recipe``: one training of a method with a recipe on a prepared subject, evaluated at its checkpoints on
   an ``EvalSetup`` grid, into a run folder;
 - ``default_recipe``: a method's default training recipe per tier: on the toy tier its sweep's choice;
-- ``sweep_rows``, ``choose_recipe``, ``read_sweep`` and ``sweep_figure``: a sweep's table (one row per recipe and
+- ``sweep_rows``, ``choose_recipe``, ``write_table``, ``read_sweep`` and ``sweep_figure``: a sweep's table (one row per recipe and
   checkpoint), the rule that picks its recipe, the committed table (``figures/sweeps/<method>.csv``) and its plot. With a constant learning rate and seeded batches, the checkpoint at step k of a longer run is the
   run of k steps, so the checkpoints sweep the step count for free.
 """
@@ -223,6 +223,22 @@ def read_sweep(method: str, folder: str | Path = SWEEPS) -> list[dict]:
 
     with path.open(encoding="utf-8", newline="") as f:
         return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_table(rows: Sequence[dict], path: str | Path) -> Path:
+    """``rows`` as CSV at ``path``, written atomically (header: the first row's keys; ``None`` and missing keys are
+    empty cells, which ``read_sweep`` reads back as ``None``). Returns the path."""
+    import io
+
+    from nbutils.runs import atomic_write
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = repo_path(path)
+    atomic_write(path, buf.getvalue().encode("utf-8"))
+    return path
 
 
 def recipe_label(row: dict) -> str:

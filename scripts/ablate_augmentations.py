@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nbutils.runs import atomic_write, list_runs, new_run  # noqa: E402
+from nbutils.runs import new_run  # noqa: E402
 
 VARIANTS = {
     "none": {"N_PER_IMAGE": 0},
@@ -50,15 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepared(variant: str, out: Path, args) -> Path:
     """The store of ``variant``: notebook 01 run once into it with the variant's switches."""
-    from scripts.run_study import run_notebook
+    from scripts.run_study import prepare_once
 
-    store = out / variant.replace(" ", "_")
-    if not list_runs(store, notebook="01_dataset"):
-        store.mkdir(parents=True, exist_ok=True)
-        run_notebook(REPO / "notebooks" / "01_dataset.ipynb", store / "01_dataset.ipynb",
-                     {"SUBJECT_DIR": str(REPO / args.subject), "OUT_DIR": str(store), "MODEL": args.model,
-                      "QUICK": False, "SEED": args.seed, **VARIANTS[variant]})
-    return store
+    return prepare_once(out / variant.replace(" ", "_"), {"SUBJECT_DIR": str(REPO / args.subject), "MODEL": args.model,
+                                                           "QUICK": False, "SEED": args.seed, **VARIANTS[variant]})
 
 
 def main(argv=None) -> int:
@@ -67,7 +62,7 @@ def main(argv=None) -> int:
     from nbutils.dreambooth import nearest_training_similarity
     from nbutils.metrics import suite_for_tier
     from nbutils.models import model_tier, resolve_model
-    from nbutils.recipes import default_recipe, train_recipe
+    from nbutils.recipes import default_recipe, train_recipe, write_table
     from nbutils.study import eval_setup, load_subject_dataset
 
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
@@ -98,10 +93,7 @@ def main(argv=None) -> int:
                          "base_identity": baseline["identity"], "base_clip_t": baseline["clip_t"],
                          "train_s": costs["train_s"]})
             print("   " + ", ".join(f"{k} {rows[-1][k]:.3f}" for k in KEYS), flush=True)
-    header = list(rows[0])
-    lines = [",".join(header)] + [",".join("" if r[k] is None else str(r[k]) for k in header) for r in rows]
-    table = REPO / args.table
-    atomic_write(table, ("\n".join(lines) + "\n").encode("utf-8"))
+    table = write_table(rows, args.table)
     figure(rows, REPO / args.figure)
     print(f"table: {table}\nfigure: {REPO / args.figure}")
     return 0

@@ -112,6 +112,19 @@ def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=
     )
 
 
+def prepare_once(store: Path, parameters: dict) -> Path:
+    """Run notebook 01 (the prepared dataset) into ``store`` with ``parameters`` (``OUT_DIR`` is ``store``), unless
+    ``store`` already holds a ``01_dataset`` run; returns ``store``. The scripts that train on other subjects or
+    other preparations (``sweep.py``, ``ablate_augmentations.py``) prepare them with the notebook itself."""
+    from nbutils.runs import list_runs
+
+    if not list_runs(store, notebook="01_dataset"):
+        store.mkdir(parents=True, exist_ok=True)
+        run_notebook(REPO_ROOT / "notebooks" / "01_dataset.ipynb", store / "01_dataset.ipynb",
+                     {**parameters, "OUT_DIR": str(store)})
+    return store
+
+
 def study_options(args: argparse.Namespace, notebooks: list[Path]) -> dict:
     """What makes two studies the same study: the notebooks (their names and folder) and the injected options."""
     return {"notebooks": [name for _, name, _ in study_jobs(notebooks, args.seeds)],

@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from nbutils.compare import METHODS  # noqa: E402
 from nbutils.recipes import (CLASS_PHRASE, OPTIONS, SWEEP_KEYS, check_options, choose_recipe, sweep_rows,
-                             train_recipe)  # noqa: E402
-from nbutils.runs import atomic_write, atomic_write_json, list_runs, new_run, to_jsonable  # noqa: E402
+                             train_recipe, write_table)  # noqa: E402
+from nbutils.runs import atomic_write_json, list_runs, new_run, to_jsonable  # noqa: E402
 from nbutils.study import eval_setup, load_subject_dataset  # noqa: E402
 from nbutils.train import TrainConfig  # noqa: E402
 
@@ -51,13 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepared_validation_subject(out: Path, model: str):
     """Notebook 01 on ``VAL_SUBJECT`` with its defaults (once), and its dataset."""
-    from scripts.run_study import run_notebook
+    from scripts.run_study import prepare_once
 
-    val = out / "val"
-    if not list_runs(val, notebook="01_dataset"):
-        val.mkdir(parents=True, exist_ok=True)
-        run_notebook(REPO / "notebooks" / "01_dataset.ipynb", val / "01_dataset.ipynb",
-                     {"SUBJECT_DIR": str(REPO / VAL_SUBJECT), "OUT_DIR": str(val), "MODEL": model, "QUICK": False})
+    val = prepare_once(out / "val", {"SUBJECT_DIR": str(REPO / VAL_SUBJECT), "MODEL": model, "QUICK": False})
     return load_subject_dataset("auto", val)
 
 
@@ -124,12 +120,7 @@ def main(argv=None) -> int:
             print(f"  identity {last['identity']:.3f}, CLIP-T {last['clip_t']:.3f}, {costs['train_s']:.0f} s",
                   flush=True)
     rows = sweep_rows(list_runs(method_dir, notebook="sweep"), baseline)
-    csv_path = Path(args.table.format(method=args.method))
-    csv_path = csv_path if csv_path.is_absolute() else REPO / csv_path
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    header = list(rows[0])
-    lines = [",".join(header)] + [",".join("" if r.get(k) is None else str(r[k]) for k in header) for r in rows]
-    atomic_write(csv_path, ("\n".join(lines) + "\n").encode("utf-8"))
+    csv_path = write_table(rows, args.table.format(method=args.method))
     choice = choose_recipe(rows, baseline)
     print(f"table: {csv_path} ({len(rows)} rows, scores {', '.join(SWEEP_KEYS)})")
     print("chosen:", json.dumps(choice))
