@@ -1,4 +1,4 @@
-"""Every method side by side, read from the results store alone (notebook 07).
+"""Every method side by side, read from the results store alone (notebook 08).
 
 The method notebooks log through ``nbutils.study``. In each run folder, ``metrics.json`` holds what training cost
 (``log_resources``: ``train_s`` in seconds, ``peak_rss_mb`` / ``peak_cuda_mb`` in MiB, ``artifact_bytes``, ``steps``,

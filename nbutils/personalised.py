@@ -1,8 +1,8 @@
-"""The personalised model a later notebook draws with (notebook 06): one finished method run of the results store,
+"""The personalised model a later notebook draws with (notebook 07): one finished method run of the results store,
 loaded back into a pipeline by that method's own loader, and seeded img2img (SDEdit) on it.
 
 - ``choose_run``: the run of a method, a run folder, or (``"best"``) the finished run whose last checkpoint scored
-  the highest identity, among the runs ``nbutils.compare.select_runs`` finds (those notebook 07 compares);
+  the highest identity, among the runs ``nbutils.compare.select_runs`` finds (those notebook 08 compares);
 - ``load_personalised``: ``(pipeline, subject_phrase, embed)`` from a run's last checkpoint, dispatching on its
   method to ``load_textual_inversion``, ``load_pplus``, ``load_lora``, ``load_svdiff``, ``load_pivotal`` or the
   DreamBooth methods' ``load_saved``;

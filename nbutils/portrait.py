@@ -1,4 +1,4 @@
-"""The end-to-end portrait (notebook 08, ``make portrait``): the plumbing between the study's own pieces.
+"""The end-to-end portrait (notebook 09, ``make portrait``): the plumbing between the study's own pieces.
 
 Photos -> notebook 01's helpers (``nbutils.photos``, ``nbutils.faces``, ``nbutils.augment``) -> a method's
 artifact, reused from the results store when one matches (``nbutils.personalised``) or trained by name with the
@@ -46,8 +46,8 @@ styled prompt; neural style transfer of a photo-style portrait towards a style i
 DEFAULT_METHOD = "dreambooth_no_prior"
 """The method trained when the store holds no evaluated run of this subject: on the toy tier it is notebook 00's
 capacity check (every UNet weight, no prior preservation, 400 steps of batch 4 at lr 1e-3: identity 0.88 there)."""
-TRAIN_NOTEBOOK = "08_portrait_training"
-"""The run folders the portrait trains into (``config["method"]`` stays empty, so notebook 07 does not compare
+TRAIN_NOTEBOOK = "09_portrait_training"
+"""The run folders the portrait trains into (``config["method"]`` stays empty, so notebook 08 does not compare
 them with the method notebooks' runs; the method is ``params["METHOD"]``)."""
 TRAINING_CODE: dict[str, tuple[str, ...]] = {
     "textual_inversion": ("textual_inversion",),
@@ -360,7 +360,7 @@ def as_method_run(run: Run, method: str) -> Run:
 def pareto_choice(
     out_dir: str | Path, fingerprint: str, *, model: str, quick: bool, seed: int
 ) -> tuple[str | None, Run | None, list[str]]:
-    """The best trade-off of the evaluation among the finished method runs of this subject (notebook 07's
+    """The best trade-off of the evaluation among the finished method runs of this subject (notebook 08's
     selection, ``select_runs``, restricted to runs whose photos have ``fingerprint``): of the Pareto front of
     identity against CLIP-T, the run with the highest identity + CLIP-T (both cosines). Returns ``(method, run,
     notes)``, ``(None, None, notes)`` when there is none."""

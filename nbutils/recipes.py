@@ -1,5 +1,5 @@
 """Every method of notebooks 02-05 by name, built and trained outside its notebook: the recipe sweep on the
-validation subject (``scripts/sweep.py``), repeated training seeds and the portrait (notebook 08).
+validation subject (``scripts/sweep.py``), repeated training seeds and the portrait (notebook 09).
 
 The notebooks build each method in their own cells, to show it; this module calls the same constructors with the
 same options, so a run made here is the notebook's method, not a copy of it.

@@ -1,6 +1,6 @@
-"""``make portrait``: one papermill call of ``notebooks/08_portrait.ipynb``, a progress line per stage.
+"""``make portrait``: one papermill call of ``notebooks/09_portrait.ipynb``, a progress line per stage.
 
-The notebook writes its own run folder ``<out>/08_portrait-<YYYYmmdd-HHMMSS>/`` (the portrait PNG with its recipe in
+The notebook writes its own run folder ``<out>/09_portrait-<YYYYmmdd-HHMMSS>/`` (the portrait PNG with its recipe in
 its PNG text chunks, the contact sheet, metrics.json); this script moves the executed notebook into it. Only the
 notebook's ``[portrait k/n]`` lines are shown; a bad input (``PortraitInputError``) is reported in one message, before
 anything trains.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from nbutils.runs import list_runs, repo_path, timestamp  # noqa: E402
 from run_study import describe_failure, run_notebook  # noqa: E402
 
-NOTEBOOK = REPO_ROOT / "notebooks" / "08_portrait.ipynb"
+NOTEBOOK = REPO_ROOT / "notebooks" / "09_portrait.ipynb"
 PREFIX = "[portrait"
 
 
@@ -46,7 +46,7 @@ class ProgressLines:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Turn a folder of photos into a stylised portrait (notebook 08).")
+    p = argparse.ArgumentParser(description="Turn a folder of photos into a stylised portrait (notebook 09).")
     p.add_argument("--photos", default="auto", help="folder of 3-20 photos; auto: data/me, else the demo subject")
     p.add_argument("--scene", default=None, help='where the subject is, e.g. "on the beach"')
     p.add_argument("--style", default=None, help="the style, e.g. watercolor (toy: photo, sketch, pixel art, "
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) not in (None, ""):
             parameters[name.upper()] = getattr(args, name)
     started, since = time.perf_counter(), datetime.now().astimezone()
-    executed = out / f".08_portrait-{timestamp()}.ipynb"
+    executed = out / f".09_portrait-{timestamp()}.ipynb"
     print(f"make portrait: {', '.join(f'{k}={v!r}' for k, v in parameters.items())}", flush=True)
     failure = None
     try:
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("INTERRUPTED: run the same command again (a finished training run is reused).")
         return 130
-    runs = [r for r in list_runs(out, notebook="08_portrait") if r.created >= since.replace(microsecond=0)]
-    target = runs[-1].path / "08_portrait.ipynb" if runs else out / executed.name.lstrip(".")
+    runs = [r for r in list_runs(out, notebook="09_portrait") if r.created >= since.replace(microsecond=0)]
+    target = runs[-1].path / "09_portrait.ipynb" if runs else out / executed.name.lstrip(".")
     if executed.exists():
         executed.rename(target)
     if failure is not None:

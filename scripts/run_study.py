@@ -16,7 +16,7 @@ starts a new study folder whatever the last one holds.
 
 ``--seeds 0,1,2`` (``make study SEEDS=0,1,2``) runs every training notebook (02-05) once per seed, the first
 seed's executed copy as ``<name>.ipynb``, the others' as ``<name>.seed<s>.ipynb``; the other notebooks run once with
-the first seed, and a notebook whose parameters define ``SEEDS`` (07, the evaluation) gets the list, to pool them.
+the first seed, and a notebook whose parameters define ``SEEDS`` (08, the evaluation) gets the list, to pool them.
 """
 from __future__ import annotations
 

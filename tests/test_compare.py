@@ -1,4 +1,4 @@
-"""Notebook 07's readers of the results store, on synthetic run folders shaped like the method notebooks' runs."""
+"""Notebook 08's readers of the results store, on synthetic run folders shaped like the method notebooks' runs."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,4 @@
-"""nbutils.portrait and `make portrait` (notebook 08): inputs checked before training, prompts, artifact reuse,
+"""nbutils.portrait and `make portrait` (notebook 09): inputs checked before training, prompts, artifact reuse,
 candidate choice, and one end-to-end `make portrait` on the tiny tier in QUICK mode."""
 from __future__ import annotations
 
@@ -187,8 +187,8 @@ def test_make_portrait_end_to_end_in_quick_mode_and_bad_input_stops_before_train
     for k in range(1, 8):
         assert f"[portrait {k}/7]" in made.stdout
     assert "training DreamBooth without prior preservation: 4 steps" in made.stdout
-    run = list_runs(out, notebook="08_portrait")[-1]
-    assert {"08_portrait.ipynb", "contact_sheet.png", "images", "metrics.json"} <= {p.name for p in run.path.iterdir()}
+    run = list_runs(out, notebook="09_portrait")[-1]
+    assert {"09_portrait.ipynb", "contact_sheet.png", "images", "metrics.json"} <= {p.name for p in run.path.iterdir()}
     meta = read_png_metadata(run.path / "images" / "portrait.png")
     assert meta["method"] == "dreambooth_no_prior" and meta["prompt"] == "a pop art poster of sks person, at night"
     assert meta["seed"] in meta["candidate_seeds"] and meta["recipe"]["route"] == "prompt"
@@ -218,7 +218,7 @@ def test_a_named_method_with_an_empty_store_trains_here_and_the_second_portrait_
     loaded = load_personalised(pt.as_method_run(trained[0], method))  # dispatched on the method
     assert loaded.subject_phrase == phrase
     assert ("<sks>" in loaded.pipe.tokenizer.get_vocab()) == (method == "textual_inversion")
-    portrait = list_runs(out, notebook="08_portrait")[-1]
+    portrait = list_runs(out, notebook="09_portrait")[-1]
     meta = read_png_metadata(portrait.path / "images" / "portrait.png")
     assert meta["method"] == method and meta["prompt"] == f"a watercolor painting of {phrase}, in a forest"
     assert meta["source_run"] == str(trained[0].path) and meta["train"]["cfg"]["steps"] == 2
@@ -228,7 +228,7 @@ def test_a_named_method_with_an_empty_store_trains_here_and_the_second_portrait_
     assert f"reusing the trained {label(method)} in {trained[0].path}" in again.stdout
     assert "] training" not in again.stdout
     assert len(list_runs(out, notebook=pt.TRAIN_NOTEBOOK)) == 1
-    second = list_runs(out, notebook="08_portrait")[-1]
+    second = list_runs(out, notebook="09_portrait")[-1]
     assert second.path != portrait.path and second.metrics["source_run"] == str(trained[0].path)
 
 

@@ -131,8 +131,8 @@ def test_seeds_run_each_training_notebook_once_per_seed_and_hand_the_list_to_the
         tmp_path, capsys, monkeypatch):
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    for name in ("01_data", "02_train", "05_train", "07_eval"):
-        cell = nbformat.v4.new_code_cell("SEED = 0" + ("\nSEEDS = None" if name == "07_eval" else ""),
+    for name in ("01_data", "02_train", "05_train", "08_eval"):
+        cell = nbformat.v4.new_code_cell("SEED = 0" + ("\nSEEDS = None" if name == "08_eval" else ""),
                                          metadata={"tags": ["parameters"]})
         nbformat.write(nbformat.v4.new_notebook(cells=[cell]), folder / f"{name}.ipynb")
     calls = []
@@ -142,7 +142,7 @@ def test_seeds_run_each_training_notebook_once_per_seed_and_hand_the_list_to_the
     assert run_study.main(["--notebooks", str(folder), "--out", str(out), "--seeds", "3,1"]) == 0
     assert calls == [("01_data.ipynb", {"SEED": 3}), ("02_train.ipynb", {"SEED": 3}),
                      ("02_train.seed1.ipynb", {"SEED": 1}), ("05_train.ipynb", {"SEED": 3}),
-                     ("05_train.seed1.ipynb", {"SEED": 1}), ("07_eval.ipynb", {"SEED": 3, "SEEDS": [3, 1]})]
+                     ("05_train.seed1.ipynb", {"SEED": 1}), ("08_eval.ipynb", {"SEED": 3, "SEEDS": [3, 1]})]
     assert "[3/6] 02_train (seed 1) ... ok in" in capsys.readouterr().out
     [study] = list(out.iterdir())
     assert len(json.loads((study / "study.json").read_text())["done"]) == 6

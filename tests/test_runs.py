@@ -179,7 +179,7 @@ def test_list_and_latest_follow_creation_time_not_names(tmp_run_dir, monkeypatch
     assert [r.name for r in list_runs(tmp_run_dir, notebook="02_ti")] == [a1.name, a2.name]
     assert [r.name for r in list_runs(tmp_run_dir, method="pplus")] == [b1.name]
     assert latest_run("02_ti", tmp_run_dir).path == a2.path
-    assert latest_run("07_evaluation", tmp_run_dir) is None
+    assert latest_run("08_evaluation", tmp_run_dir) is None
     assert list_runs(tmp_run_dir / "missing") == []
 
 
