@@ -1,0 +1,129 @@
+"""Score the toy IP-Adapter's aggregations on the study's grid: base model vs single / max / mean / self-attention.
+
+    python scripts/eval_ip_adapter.py            # about 10 minutes at 1 thread
+
+The subject is ``data/subjects/toy`` (its five photos are both the IP-Adapter's references and the identity
+references; ``subject.json`` holds the identity truth for the success rate and FID). The grid is
+``nbutils.study.eval_setup(toy, seed=0, quick=False)``: 3 prompts x 16 seeds, 25 DDIM steps, guidance 4, the prompts
+naming the person only as ``"a person"`` (the image carries who). The adapter is loaded from
+``data/models/toy-encoders/ip-adapter`` with diffusers' ``pipe.load_ip_adapter``; each variant's aggregated
+embedding goes in as ``ip_adapter_image_embeds`` (zero negative). Every variant runs at lambda 1.0, the best one
+(highest identity) again at each ``--scales`` value. One row per variant goes to ``--table``
+(``figures/ip_adapter_aggregation.csv``), the first seed of every prompt to ``--figure``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nbutils import ip_adapter as ipa  # noqa: E402
+from nbutils.metrics import evaluate_images, suite_for_tier  # noqa: E402
+from nbutils.models import load_pipeline, model_tier, resolve_model  # noqa: E402
+from nbutils.recipes import CLASS_PHRASE, write_table  # noqa: E402
+from nbutils.sampling import generate  # noqa: E402
+from nbutils.study import EvalSetup, eval_setup  # noqa: E402
+from nbutils.toyworld import Identity  # noqa: E402
+from nbutils.viz import image_grid, save_figure  # noqa: E402
+
+SUBJECT = REPO / "data" / "subjects" / "toy"
+ADAPTER = REPO / "data" / "models" / "toy-encoders" / "ip-adapter"
+
+
+def subject_photos(folder: Path) -> tuple[list[Image.Image], Identity]:
+    """The subject's photos (``*.png``, sorted) as RGB images, and its true identity from ``subject.json``."""
+    photos = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+    return photos, Identity(**json.loads((folder / "subject.json").read_text())["identity"])
+
+
+def sample_grid(pipe, setup: EvalSetup, **pipe_kwargs) -> dict[str, list[Image.Image]]:
+    """``{prompt: one image per seed}`` for ``setup.prompts(CLASS_PHRASE)``, as ``nbutils.study.sample_prompts``
+    samples it, with ``pipe_kwargs`` (the image embeddings) passed to the pipeline."""
+    return {prompt: generate(pipe, prompt, setup.seeds, steps=setup.steps, guidance_scale=setup.guidance_scale,
+                             batch_size=setup.batch_size, progress=False, **pipe_kwargs)
+            for prompt in setup.prompts(CLASS_PHRASE)}
+
+
+def row(variant: str, scale: float | None, scores: dict, seconds: float) -> dict:
+    """One table row: the scores of ``evaluate_images`` with its 95 % intervals split into columns."""
+    ci = scores["identity_ci"] or [None, None]
+    ct = scores["clip_t_ci"] or [None, None]
+    out = {"variant": variant, "scale": scale, "identity": scores["identity"], "identity_ci_low": ci[0],
+           "identity_ci_high": ci[1], "clip_t": scores["clip_t"], "clip_t_ci_low": ct[0], "clip_t_ci_high": ct[1],
+           "clip_i": scores["clip_i"], "detection_rate": scores["detection_rate"],
+           "success_rate": scores["success_rate"], "fid": scores["fid"], "kid_mean": scores["kid_mean"],
+           "is_mean": scores["is_mean"]}
+    for prompt, per in scores["per_prompt"].items():
+        out[f"identity[{prompt}]"] = per["identity"]
+    out["seconds"] = round(seconds, 1)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", type=Path, default=ADAPTER)
+    ap.add_argument("--subject", type=Path, default=SUBJECT)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scales", default="0.5", help="comma-separated extra lambdas for the best variant")
+    ap.add_argument("--variants", default=",".join(ipa.AGGREGATIONS))
+    ap.add_argument("--n-samples", type=int, default=None, help="seeds per prompt (default: the tier's, 16)")
+    ap.add_argument("--table", type=Path, default=REPO / "figures" / "ip_adapter_aggregation.csv")
+    ap.add_argument("--figure", type=Path, default=REPO / "figures" / "ip_adapter_aggregation.png")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    ref = resolve_model("toy")
+    setup = eval_setup(ref, args.subject, seed=args.seed, quick=False, n_samples=args.n_samples)
+    suite = suite_for_tier(model_tier(ref))
+    photos, truth = subject_photos(args.subject)
+
+    def score(images):
+        return evaluate_images(images, photos, suite, subject_phrase=CLASS_PHRASE, seed=setup.seeds[0], truth=truth)
+
+    rows, grids = [], {}
+    t = time.perf_counter()
+    base_images = sample_grid(load_pipeline(ref), setup)
+    rows.append(row("base model", None, score(base_images), time.perf_counter() - t))
+    grids["base model"] = [imgs[0] for imgs in base_images.values()]
+    print(rows[-1], flush=True)
+
+    pipe = load_pipeline(ref)
+    ipa.load_ip_adapter(pipe, args.adapter, scale=1.0)
+    embeds = ipa.ImageEncoder.toy()(photos)  # (5, 64)
+    pool = ipa.load_aggregator(args.adapter, embeds.shape[1])
+    with torch.no_grad():
+        aggregated = {how: ipa.aggregate(embeds, how, pool) for how in args.variants.split(",")}
+
+    def run(how: str, scale: float) -> None:
+        t = time.perf_counter()
+        pipe.set_ip_adapter_scale(scale)
+        images = sample_grid(pipe, setup, ip_adapter_image_embeds=ipa.image_prompt_embeds(aggregated[how]))
+        rows.append(row(how, scale, score(images), time.perf_counter() - t))
+        grids[f"{how}, lambda {scale:g}"] = [imgs[0] for imgs in images.values()]
+        print(rows[-1], flush=True)
+        write_table(rows, args.table)
+
+    for how in aggregated:
+        run(how, 1.0)
+    best = max(rows[1:], key=lambda r: r["identity"])["variant"]
+    for scale in (float(s) for s in args.scales.split(",") if s):
+        run(best, scale)
+    write_table(rows, args.table)
+    fig = image_grid(list(grids.values()), row_labels=list(grids), col_labels=list(setup.names),
+                     title=f"IP-Adapter on the toy subject: aggregations of its 5 photos (seed {setup.seeds[0]})",
+                     cell=1.3)
+    save_figure(fig, args.figure)
+    print(f"wrote {args.table} and {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
