@@ -17,7 +17,7 @@ OPEN_CLIP := open-clip-torch==3.3.0
 # noise, keep everything else (pipefail keeps pip's exit status).
 PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: venv study portrait lab test toy-model toy-evaluators clean-venv
+.PHONY: venv study portrait lab test toy-model toy-evaluators toy-encoders clean-venv
 
 venv: $(VENV)/.ready
 
@@ -68,6 +68,12 @@ toy-model: venv
 
 toy-evaluators: venv
 	$(PY) scripts/train_toy_evaluators.py
+
+# The encoders of notebook 06 (E4T, IP-Adapter), pretrained on the toy world's people under the committed toy model
+# (data/models/toy-encoders/); each script resumes from its newest checkpoint.
+toy-encoders: venv
+	$(PY) scripts/train_toy_e4t.py
+	$(PY) scripts/train_toy_ip_adapter.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -214,14 +214,16 @@ def eval_setup(
 
 
 def sample_prompts(
-    pipe: StableDiffusionPipeline, setup: EvalSetup, subject_phrase: str, *, embed: Embed | None = None
+    pipe: StableDiffusionPipeline, setup: EvalSetup, subject_phrase: str, *, embed: Embed | None = None,
+    **pipe_kwargs,
 ) -> dict[str, list[Image.Image]]:
     """``{prompt: one image per seed}`` for ``setup.prompts(subject_phrase)``; ``embed`` turns a prompt into its
-    conditioning (e.g. P+'s per-layer embeddings), ``None`` passes the prompt to the pipeline as it is."""
+    conditioning (e.g. P+'s per-layer embeddings), ``None`` passes the prompt to the pipeline as it is.
+    ``pipe_kwargs`` go to every pipeline call (e.g. IP-Adapter's ``ip_adapter_image_embeds``)."""
     out = {}
     for prompt in setup.prompts(subject_phrase):
         kwargs = dict(steps=setup.steps, guidance_scale=setup.guidance_scale, batch_size=setup.batch_size,
-                      progress=False)
+                      progress=False, **pipe_kwargs)
         if embed is None:
             out[prompt] = generate(pipe, prompt, setup.seeds, **kwargs)
         else:
@@ -284,11 +286,13 @@ class CheckpointEvaluator:
 
     def evaluate(
         self, pipe: StableDiffusionPipeline, run: Run, step: int, *, subject_phrase: str | None = None,
-        embed: Embed | None = None,
+        embed: Embed | None = None, pipe_kwargs: dict | None = None,
     ) -> dict:
         """Sample, score and log one point: series ``"eval"`` at ``step`` (with its ``subject_phrase``), the first
         seed's images saved as ``images/step-<step>-<prompt name>.png``. Returns the scores; a point ``run``
-        already holds for this step and phrase (a resumed run's) is returned as recorded, without sampling."""
+        already holds for this step and phrase (a resumed run's) is returned as recorded, without sampling.
+        ``pipe_kwargs``: extra arguments of every pipeline call (``sample_prompts``)."""
+        pipe_kwargs = pipe_kwargs or {}
         phrase = subject_phrase or self.subject_phrase
         recorded = self._recorded(run)
         for s, (_, scores, grid) in recorded.items():  # a resumed run's earlier checkpoints
@@ -296,9 +300,9 @@ class CheckpointEvaluator:
             self.grid.setdefault(s, grid)
         if step in recorded and recorded[step][0] == phrase:
             self.scores[step], self.grid[step] = recorded[step][1], recorded[step][2]
-            self._resample = lambda: sample_prompts(pipe, self.setup, phrase, embed=embed)
+            self._resample = lambda: sample_prompts(pipe, self.setup, phrase, embed=embed, **pipe_kwargs)
             return self.scores[step]
-        images = sample_prompts(pipe, self.setup, phrase, embed=embed)
+        images = sample_prompts(pipe, self.setup, phrase, embed=embed, **pipe_kwargs)
         scores = evaluate_images(images, self.subject.references, self.suite, subject_phrase=phrase,
                                  class_phrase=self.class_phrase, seed=self.setup.seeds[0],
                                  truth=self.subject.identity)

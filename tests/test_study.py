@@ -224,6 +224,19 @@ def test_embed_path_gives_the_pipelines_own_images_for_its_own_embeddings(tiny_p
     assert [np.asarray(i).tolist() for i in evaluator.grid[3]] == [np.asarray(v[0]).tolist() for v in plain.values()]
 
 
+def test_pipe_kwargs_reach_every_pipeline_call_and_change_the_images(tiny_pipe, tiny_ref, subject, tmp_run_dir):
+    setup = eval_setup(tiny_ref, "d", seed=1, quick=True, names=("studio", "beach"))
+    plain = sample_prompts(tiny_pipe, setup, "a person")
+    sharper = sample_prompts(tiny_pipe, setup, "a person", guidance_rescale=0.9)
+    assert any(np.asarray(a).tolist() != np.asarray(b).tolist()
+               for p in plain for a, b in zip(plain[p], sharper[p]))
+    evaluator = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "a person")
+    evaluator.evaluate(tiny_pipe, new_run("06_x", {}, out_dir=tmp_run_dir), 1,
+                       pipe_kwargs={"guidance_rescale": 0.9})
+    assert [np.asarray(i).tolist() for i in evaluator.grid[1]] == [np.asarray(v[0]).tolist()
+                                                                    for v in sharper.values()]
+
+
 # --------------------------------------------------------------------------------------------------- costs, comparing
 def test_log_resources_subtracts_evaluation_time(tmp_run_dir, tmp_path):
     artifact = tmp_path / "learned.safetensors"
