@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nbutils.toyworld import (SCENE_PHRASES, STYLE_PHRASES, SUBJECTS, Identity, Portrait, random_identity,
+from nbutils.toyworld import (ACCESSORIES, FACE_SHAPES, HAIR_COLOURS, HAIR_STYLES, MARKS, SCENE_PHRASES,
+                              SKIN_TONES, STYLE_PHRASES, SUBJECTS, Identity, Portrait, random_identity,
                               random_portrait, render)
 
 PLACEHOLDER = "{S}"
@@ -27,6 +28,10 @@ def domain_identities(seed: int, n: int) -> list[Identity]:
     """``n`` distinct identities, every trait value uniform, none of them one of ``toyworld.SUBJECTS``."""
     rng, found = random.Random(seed), []
     held_out = set(SUBJECTS.values())
+    available = len(FACE_SHAPES) * len(SKIN_TONES) * len(HAIR_COLOURS) * len(HAIR_STYLES) * len(ACCESSORIES) * len(
+        MARKS) - len(held_out)
+    if not 0 < n <= available:
+        raise ValueError(f"The toy world has {available} identities besides the subjects: ask for 1..{available}.")
     while len(found) < n:
         ident = random_identity(rng, held_out=True)
         if ident not in held_out and ident not in found:

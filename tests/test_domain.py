@@ -40,6 +40,12 @@ def test_leave_one_out_references_are_other_photos_of_the_same_person():
     assert len(set(target.tolist())) == 5  # every photo is a target sometimes
 
 
+def test_domain_identities_refuses_more_people_than_the_world_has():
+    assert len(domain.domain_identities(0, 808)) == 808  # 810 identities, the 2 subjects held out
+    with pytest.raises(ValueError, match="808 identities besides the subjects"):
+        domain.domain_identities(0, 809)
+
+
 def test_leave_one_out_rejects_as_many_references_as_photos():
     with pytest.raises(ValueError, match="refs must be in 1..4"):
         domain.leave_one_out(torch.Generator(), 10, 5, 8, refs=5)
