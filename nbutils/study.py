@@ -36,7 +36,8 @@ from nbutils.models import model_tier, tier_defaults
 from nbutils.photos import is_drawn_subject, subject_folder
 from nbutils.prompts import PROMPT_SETS
 from nbutils.resources import Usage, dir_size_bytes, track
-from nbutils.runs import Run, code_version, find_resumable_run, latest_run, list_runs, load_run, new_run, repo_path
+from nbutils.runs import (Run, code_version, find_resumable_run, latest_run, list_runs, load_run, new_run,
+                          read_png_metadata, repo_path)
 from nbutils.sampling import generate
 from nbutils.toyworld import SUBJECTS, Identity
 from nbutils.train import Method, TrainConfig, TrainResult, list_checkpoints, resume_problem, train
@@ -326,6 +327,22 @@ class CheckpointEvaluator:
         return image_grid([self.grid[s] for s in steps], row_labels=labels,
                           col_labels=[name.replace("_", " ") for name in self.setup.names],
                           title=title, cell=1.6)
+
+
+def copy_eval_point(source: Run, target: Run, step: int) -> dict:
+    """Log ``source``'s ``"eval"`` point of ``step`` into ``target`` too, with its saved first-seed images
+    (``images/step-<step>-*.png``, provenance re-stamped with ``target``'s config), and return the point: the
+    baseline that several runs of one notebook share, sampled once. ``KeyError`` if ``source`` has no such point."""
+    point = next((p for p in source.metrics.get("series", {}).get("eval", []) if p["step"] == step), None)
+    if point is None:
+        raise KeyError(f"{source.path} holds no 'eval' point at step {step}")
+    for path in sorted((source.path / "images").glob(f"step-{step}-*.png")):
+        meta = read_png_metadata(path)
+        with Image.open(path) as image:
+            target.save_image(image.convert("RGB"), path.stem, prompt=meta.get("prompt", ""), seed=meta.get("seed"),
+                              step=step)
+    target.log_series("eval", step, **{k: v for k, v in point.items() if k != "step"})
+    return point
 
 
 # --------------------------------------------------------------------------------------------------- costs

@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from PIL import Image
+
+from nbutils import study
 from nbutils.augment import AugmentConfig, write_prepared_dataset
 from nbutils.metrics import EvalSuite, evaluate_images, images_to_tensor
 from nbutils.models import build_tiny_pipeline, ensure_tiny_pipeline, tier_defaults
@@ -235,6 +238,23 @@ def test_pipe_kwargs_reach_every_pipeline_call_and_change_the_images(tiny_pipe, 
                        pipe_kwargs={"guidance_rescale": 0.9})
     assert [np.asarray(i).tolist() for i in evaluator.grid[1]] == [np.asarray(v[0]).tolist()
                                                                     for v in sharper.values()]
+
+
+def test_copy_eval_point_shares_a_baseline_without_sampling(tiny_pipe, tiny_ref, subject, tmp_run_dir):
+    setup = eval_setup(tiny_ref, "d", seed=1, quick=True, names=("studio", "beach"))
+    source, target = (new_run("06_x", {"k": k}, out_dir=tmp_run_dir, method=m) for k, m in ((1, "a"), (2, "b")))
+    scores = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "a person").evaluate(tiny_pipe, source, 0)
+    copied = study.copy_eval_point(source, target, 0)
+    assert target.metrics["series"]["eval"] == source.metrics["series"]["eval"] == [copied]
+    assert copied["identity"] == scores["identity"]
+    for name in setup.names:
+        a, b = (Image.open(r.path / "images" / f"step-0-{name}.png") for r in (source, target))
+        assert np.asarray(a).tolist() == np.asarray(b).tolist()
+        assert read_png_metadata(b.filename)["method"] == "b" and read_png_metadata(b.filename)["step"] == 0
+    fresh = CheckpointEvaluator(setup, subject, EvalSuite(MeanColour()), "a person")
+    assert fresh.evaluate(None, target, 0) == {k: v for k, v in copied.items() if k not in ("step", "subject_phrase")}
+    with pytest.raises(KeyError, match="no 'eval' point at step 5"):
+        study.copy_eval_point(source, target, 5)
 
 
 # --------------------------------------------------------------------------------------------------- costs, comparing
