@@ -301,7 +301,6 @@ def test_a_resumed_run_keeps_its_recorded_scores_and_grid_without_sampling_them_
                                                                                      monkeypatch):
     """Training finished but the notebook died before its end: running it again (a new evaluator, the same run)
     samples nothing, returns the recorded scores and grid, and logs the earlier training time and the resume step."""
-    from nbutils import study
 
     setup = eval_setup(tiny_ref, subject.path, seed=0, quick=True, names=("studio",))
     dataset = with_placeholder(subject.pairs, subject.token, "<sks>")
