@@ -25,7 +25,7 @@ import csv
 import io
 import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,19 @@ METHODS: dict[str, tuple[str, str]] = {
     "dreambooth_ti": ("DreamBooth + TI", "05"),
     "pivotal_tuning": ("LoRA + TI (pivotal tuning)", "05"),
 }
-"""The methods of notebooks 02-05: ``{method: (label, notebook number)}``, in the order tables list them."""
+"""The methods of notebooks 02-05: ``{method: (label, notebook number)}``, in the order tables list them. Each
+trains with the study's loop and loads back by its own loader (``nbutils.personalised``, the portrait)."""
+
+ENCODERS: dict[str, tuple[str, str]] = {
+    "e4t_encoder": ("E4T encoder alone (1 photo, no tuning)", "06"),
+    "e4t": ("E4T (1 photo)", "06"),
+    "ip_adapter_single": ("IP-Adapter (1 photo)", "06"),
+    "ip_adapter_max": ("IP-Adapter + max pool", "06"),
+    "ip_adapter_mean": ("IP-Adapter + avg pool", "06"),
+    "ip_adapter_attention": ("IP-Adapter + self-attention", "06"),
+}
+"""The encoder methods of notebook 06, pretrained on the toy world's people and compared after ``METHODS``; the
+later notebooks that draw with a run (style transfer, the portrait) choose among ``METHODS`` only."""
 
 BASE = "base model"
 """The row of the untrained model: step 0 of a run's ``"eval"`` series (the prompts with "a person")."""
@@ -87,7 +99,8 @@ _COSTS = ("train_s", "peak_rss_mb", "peak_cuda_mb", "artifact_bytes", "trainable
 
 def label(method: str) -> str:
     """The display name of ``method`` (``'pplus'`` -> ``'P+'``); an unknown method keeps its name."""
-    return METHODS[method][0] if method in METHODS else method
+    known = {**METHODS, **ENCODERS}
+    return known[method][0] if method in known else method
 
 
 def _read_metrics(run: Run) -> dict | str:
@@ -123,10 +136,10 @@ class Selection:
 
 def select_runs(
     out_dir: str | Path = "runs", *, model: str = "auto", quick: bool | None = None, seed: int | None = None,
-    expected: Sequence[str] = tuple(METHODS),
+    expected: Sequence[str] = (*METHODS, *ENCODERS), methods: Collection[str] | None = None,
 ) -> Selection:
-    """The latest finished run of every method in ``out_dir`` that trained ``model`` with ``QUICK == quick`` and
-    ``SEED == seed`` (``None``: any).
+    """The latest finished run of every method in ``out_dir`` (of ``methods`` only, when given) that trained
+    ``model`` with ``QUICK == quick`` and ``SEED == seed`` (``None``: any).
 
     ``model="auto"`` takes the model of the newest finished method run that fits ``quick`` and ``seed``; any other
     value is resolved by ``nbutils.models.resolve_model``. A run counts as finished when its ``metrics.json`` holds an
@@ -136,7 +149,7 @@ def select_runs(
     root = repo_path(out_dir)
     selection = Selection()
     params = {"QUICK": quick, "SEED": seed}
-    runs = [r for r in list_runs(out_dir) if r.method]
+    runs = [r for r in list_runs(out_dir) if r.method and (methods is None or r.method in methods)]
     fitting = [r for r in runs if all(v is None or r.config["params"].get(k) == v for k, v in params.items())]
     if not fitting:
         wanted = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None) or "any settings"
@@ -162,7 +175,8 @@ def select_runs(
     for r in fitting:
         if _model_ref(r) == selection.model_ref:
             by_method.setdefault(r.method, []).append(r)
-    order = [m for m in METHODS if m in by_method] + sorted(m for m in by_method if m not in METHODS)
+    known = [*METHODS, *ENCODERS]
+    order = [m for m in known if m in by_method] + sorted(m for m in by_method if m not in known)
     for method in order:
         for r in reversed(by_method[method]):  # newest first
             if isinstance(metrics[r.path], dict):
@@ -171,7 +185,7 @@ def select_runs(
             selection.notes.append(f"Skipped {r.name}: {metrics[r.path]}.")
     for method in expected:
         if method not in selection.runs:
-            notebook = f"notebook {METHODS[method][1]}" if method in METHODS else "its notebook"
+            notebook = f"notebook {({**METHODS, **ENCODERS})[method][1]}" if method in known else "its notebook"
             selection.notes.append(f"No finished {label(method)} run for this model, QUICK and SEED: run {notebook} "
                                    "to add it.")
     grids = [r.config["params"].get("eval") or {} for r in selection.runs.values()]

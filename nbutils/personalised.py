@@ -47,7 +47,7 @@ def choose_run(
     if artifact not in ("best", *METHODS) and repo_path(artifact).is_dir():
         run = load_run(artifact)
         return run, [f"ARTIFACT names {run.path} ({run.method or 'no method'})."]
-    selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=())
+    selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=(), methods=METHODS)
     notes = list(selection.notes)
     if artifact == "best":
         scored = {m: final_identity(r) for m, r in selection.runs.items()}

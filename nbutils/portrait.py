@@ -364,7 +364,7 @@ def pareto_choice(
     selection, ``select_runs``, restricted to runs whose photos have ``fingerprint``): of the Pareto front of
     identity against CLIP-T, the run with the highest identity + CLIP-T (both cosines). Returns ``(method, run,
     notes)``, ``(None, None, notes)`` when there is none."""
-    selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=())
+    selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=(), methods=METHODS)
     notes = list(selection.notes)
     same = {m: r for m, r in selection.runs.items() if _references_fingerprint(r) == fingerprint}
     if len(same) < len(selection.runs):
@@ -388,7 +388,7 @@ def named_run(out_dir: str | Path, method: str, fingerprint: str, *, model: str,
               seed: int) -> Run | None:
     """The latest finished run of ``method`` (notebooks 02-05) with this model, ``QUICK`` and ``SEED`` whose photos
     have ``fingerprint``; ``None`` if there is none."""
-    selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=())
+    selection = select_runs(out_dir, model=model, quick=quick, seed=seed, expected=(), methods=METHODS)
     run = selection.runs.get(method)
     return run if run is not None and _references_fingerprint(run) == fingerprint else None
 

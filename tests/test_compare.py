@@ -10,6 +10,7 @@ from PIL import Image
 from nbutils.compare import (
     BASE,
     COLUMNS,
+    METHODS,
     comparison_rows,
     curves_figure,
     matrix_figure,
@@ -74,8 +75,20 @@ def test_latest_finished_run_of_each_method_is_chosen_and_the_rest_explained(tmp
     missing = [n for n in sel.notes if n.startswith("No finished")]
     assert [n.removeprefix("No finished ").split(" run for ")[0] for n in missing] == [
         "LoRA", "SVDiff", "DreamBooth", "DreamBooth without prior preservation", "DreamBooth + TI",
-        "LoRA + TI (pivotal tuning)"]
-    assert all("run notebook 05" in n for n in missing[2:])
+        "LoRA + TI (pivotal tuning)", "E4T encoder alone (1 photo, no tuning)", "E4T (1 photo)",
+        "IP-Adapter (1 photo)", "IP-Adapter + max pool", "IP-Adapter + avg pool", "IP-Adapter + self-attention"]
+    assert all("run notebook 05" in n for n in missing[2:6]) and all("run notebook 06" in n for n in missing[6:])
+
+
+def test_encoder_runs_come_after_the_methods_and_can_be_left_out(tmp_run_dir):
+    method_run(tmp_run_dir, "ip_adapter_mean")
+    method_run(tmp_run_dir, "zz_other")
+    method_run(tmp_run_dir, "e4t")
+    method_run(tmp_run_dir, "lora")
+    assert list(select_runs(tmp_run_dir).runs) == ["lora", "e4t", "ip_adapter_mean", "zz_other"]
+    assert list(select_runs(tmp_run_dir, methods=METHODS).runs) == ["lora"]
+    labels = [row["method"] for row in comparison_rows(select_runs(tmp_run_dir))]
+    assert labels == [BASE, "LoRA", "E4T (1 photo)", "IP-Adapter + avg pool", "zz_other"]
 
 
 def test_only_runs_of_one_model_quick_and_seed_are_compared(tmp_run_dir):
