@@ -52,7 +52,7 @@ from nbutils.textual_inversion import (WEIGHTS_NAME as TI_WEIGHTS_NAME, add_toke
                                        encode_with_token_embeddings, load_textual_inversion, single_token_id,
                                        tokenize)
 from nbutils.lora import WEIGHTS_NAME as LORA_WEIGHTS_NAME, load_lora
-from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss
+from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss, encode_latents
 
 WEIGHTS_NAME = "e4t.safetensors"
 CONFIG_KEY = "e4t_config"
@@ -69,7 +69,10 @@ class E4TConfig:
     ``offset_l2``: weight of the mean squared offset norm in the loss; ``rank``/``alpha``: the LoRA weight offsets
     (update ``alpha / rank * B A``); ``weight_l2``: weight of the summed squared Frobenius norm of those updates;
     ``class_word``: the single-token word the offset moves; ``uncond_prob``: share of pretraining captions replaced
-    by the empty prompt, so the weight offsets keep the unconditional prediction that guidance uses.
+    by the empty prompt, so the weight offsets keep the unconditional prediction that guidance uses;
+    ``latent_branch``: the encoder also reads the reference photo's VAE latent through a small CNN (the paper's
+    encoder reads the diffusion model's own features of the image beside CLIP's; this is the cheapest such input,
+    and it sees small details, the star mark, that CLIP's pooled features blur).
     """
 
     clip_dir: str = ""
@@ -81,6 +84,7 @@ class E4TConfig:
     weight_l2: float = 1e-2
     class_word: str = "person"
     uncond_prob: float = 0.1
+    latent_branch: bool = False
 
 
 # --------------------------------------------------------------------------------------------------- features
@@ -127,22 +131,36 @@ class ImageTower(nn.Module):
 
 
 class E4TEncoder(nn.Module):
-    """Features ``(N, F)`` -> the scaled word-embedding offset ``scale * MLP(f)``, ``(N, D)``.
+    """Features ``(N, F)`` (and optionally the reference's VAE latents ``(N, 4, h, w)``) -> the scaled
+    word-embedding offset ``scale * MLP(f)``, ``(N, D)``.
 
     LayerNorm, two hidden layers of ``hidden`` with GELU, a linear output that starts at zero (so training starts
-    from the class word itself, as LoRA's B does).
+    from the class word itself, as LoRA's B does). With ``latent_channels`` > 0 a CNN (three 3x3 convolutions, two
+    of stride 2, pooled to 4 x 4) reads the latents and its projection is added to the first hidden layer.
     """
 
-    def __init__(self, feature_dim: int, embed_dim: int, hidden: int = 256, scale: float = 0.1):
+    def __init__(self, feature_dim: int, embed_dim: int, hidden: int = 256, scale: float = 0.1,
+                 latent_channels: int = 0):
         super().__init__()
         self.scale = scale
         self.net = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+        self.latent_net = None
+        if latent_channels:
+            self.latent_net = nn.Sequential(
+                nn.Conv2d(latent_channels, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                nn.SiLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4),
+                nn.Flatten(), nn.Linear(64 * 16, hidden))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.net(features)
+    def forward(self, features: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.net[1](self.net[0](features))
+        if self.latent_net is not None:
+            if latents is None:
+                raise ValueError("This E4T encoder reads the reference's VAE latents too: pass latents.")
+            h = h + self.latent_net(latents.to(h))
+        return self.scale * self.net[2:](h)
 
 
 # --------------------------------------------------------------------------------------------------- text
@@ -198,17 +216,19 @@ class E4T(Method):
         self.token_id = int(add_tokens(pipe, [placeholder], self.class_embedding[None])[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.encoder = E4TEncoder(self.tower.dim, weight.shape[1], config.hidden, config.scale)
+            self.encoder = E4TEncoder(self.tower.dim, weight.shape[1], config.hidden, config.scale,
+                                      pipe.unet.config.in_channels if config.latent_branch else 0)
         self.encoder.to(pipe.device)
         self.lora = LoRA(pipe, config.rank, config.alpha, unet_targets=UNET_TARGETS, seed=seed)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + self.lora.trainable_parameters()
 
-    def subject_vectors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def subject_vectors(self, features: torch.Tensor, latents: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors, offsets)``, each ``(N, D)``: ``class embedding + offset`` and ``offset = scale * encoder(f)``
-        for features ``(N, F)``."""
-        offsets = self.encoder(features.to(self.class_embedding.device))
+        for features ``(N, F)`` (and, with ``latent_branch``, the reference photos' scaled VAE latents)."""
+        offsets = self.encoder(features.to(self.class_embedding.device), latents)
         return self.class_embedding + offsets, offsets
 
     def regulariser(self, offsets: torch.Tensor) -> torch.Tensor:
@@ -216,11 +236,12 @@ class E4T(Method):
         cfg = self.config
         return cfg.offset_l2 * offsets.float().pow(2).sum(-1).mean() + cfg.weight_l2 * weight_offset_l2(self.pipe.unet)
 
-    def domain_loss(self, batch: Batch, features: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def domain_loss(self, batch: Batch, features: torch.Tensor, latents: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Denoising loss of ``batch`` (captions naming the subject by the placeholder) conditioned on the subject
-        vectors of ``features`` ``(B, F)`` (the *reference* photos), plus ``regulariser``. Returns the loss and its
-        parts ``{"diffusion", "offset_norm", "weight_l2"}`` (floats, for the log)."""
-        vectors, offsets = self.subject_vectors(features)
+        vectors of ``features`` ``(B, F)`` (and ``latents``, ``(B, 4, h, w)``) of the *reference* photos, plus
+        ``regulariser``. Returns the loss and its parts ``{"diffusion", "offset_norm", "weight_l2"}`` (floats)."""
+        vectors, offsets = self.subject_vectors(features, latents)
         text = encode_with_subject_vectors(self.pipe, batch.captions, self.token_id, vectors)
         diffusion = diffusion_loss(self.pipe.unet, self.noise_scheduler, batch, text)
         loss = diffusion + self.regulariser(offsets)
@@ -278,11 +299,17 @@ class E4TPersonalise(E4T):
         E4T.load_saved(self, load_file(path / WEIGHTS_NAME if path.is_dir() else path))
         image = image[None] if isinstance(image, torch.Tensor) and image.dim() == 3 else image
         self.features = self.tower(image if isinstance(image, torch.Tensor) else [image])  # (1, F)
+        self.latents = None  # (1, 4, h, w), for an encoder with the latent branch
+        if config.latent_branch:
+            pil = image if not isinstance(image, torch.Tensor) else Image.fromarray(
+                (ImageTower.to_pixels(image)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            self.latents = encode_latents(pipe, [pil], side)
         self.after_step()
 
     def vector(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vector, offset)`` of the subject, each ``(1, D)``."""
-        return self.subject_vectors(self.features)
+        return self.subject_vectors(self.features, self.latents)
 
     def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
         check_captions(self.pipe.tokenizer, captions, self.token_id, self.placeholder)

@@ -35,13 +35,13 @@ from nbutils.models import TOY_MODEL_DIR, load_pipeline  # noqa: E402
 from nbutils.runs import new_run, repo_path  # noqa: E402
 from nbutils.sampling import generate  # noqa: E402
 from nbutils.study import CheckpointEvaluator, SubjectData, eval_setup, train_and_log  # noqa: E402
-from nbutils.toyworld import Identity, Portrait  # noqa: E402
+from nbutils.toyworld import IDENTITY_FIELDS, Identity, Portrait  # noqa: E402
 
 SUBJECT_PHRASE = f"{PLACEHOLDER} person"
 CLASS_PHRASE = "a person"
 COLUMNS = ["method", "subject", "photos", "lr", "steps", "n_images", "identity", "identity_lo", "identity_hi",
            "detection_rate", "success_rate", "clip_t", "clip_t_lo", "clip_t_hi", "clip_i", "tune_s",
-           "artifact_bytes"]
+           "artifact_bytes", *[f"read_{f}" for f in IDENTITY_FIELDS]]
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,6 +75,14 @@ def load_subject(folder: Path, photo: str) -> tuple[SubjectData, tuple[Image.Ima
     return data, pair
 
 
+def trait_rates(images: dict[str, list[Image.Image]], suite, truth: Identity) -> dict[str, float]:
+    """``{"read_<trait>": share of the images whose attribute-net reading of that identity trait is the truth's}``:
+    which of the subject's traits the samples carry (a diagnostic beside identity)."""
+    flat = [im for ims in images.values() for im in ims]
+    predicted, labels = suite.attributes(flat), Portrait(truth).labels()
+    return {f"read_{f}": float((predicted[f] == labels[f]).float().mean()) for f in IDENTITY_FIELDS}
+
+
 def row(name: str, subject: Path, scores: dict, **extra) -> dict:
     lo, hi = scores.get("identity_ci") or (None, None)
     clo, chi = scores.get("clip_t_ci") or (None, None)
@@ -106,8 +114,10 @@ def main() -> None:
         base = load_pipeline(model, device="cpu")
         base.set_progress_bar_config(disable=True)
         run = new_run("eval_e4t", params, out_dir=args.runs, method="base")
-        scores = CheckpointEvaluator(setup, subject, suite, CLASS_PHRASE).evaluate(base, run, 0)
-        rows.append(row("base model", folder, scores, photos=0, steps=0))
+        evaluator = CheckpointEvaluator(setup, subject, suite, CLASS_PHRASE)
+        scores = evaluator.evaluate(base, run, 0)
+        rows.append(row("base model", folder, scores, photos=0, steps=0,
+                        **trait_rates(evaluator.images, suite, subject.identity)))
         del base
 
     encoder_alone_done = False
@@ -120,14 +130,18 @@ def main() -> None:
             evaluator = CheckpointEvaluator(setup, subject, suite, SUBJECT_PHRASE, class_phrase=CLASS_PHRASE)
             if not encoder_alone_done:  # step 0: the pretrained encoder and weight offsets, no tuning
                 scores = evaluator.evaluate(pipe, run, 0)
-                rows.append(row("E4T encoder alone", folder, scores, photos=1, steps=0, tune_s=0.0))
+                rows.append(row("E4T encoder alone", folder, scores, photos=1, steps=0, tune_s=0.0,
+                                **trait_rates(evaluator.images, suite, subject.identity)))
                 encoder_alone_done = True
+            if steps == 0:  # only the encoder alone
+                continue
             cfg = replace(defaults, lr=lr, steps=steps, seed=args.seed, batch_size=args.batch or defaults.batch_size)
             result, costs = train_and_log(method, [pair], cfg, run, evaluator)
             ti_file, lora_file = method.save_personalised(result.checkpoint)
             size = ti_file.stat().st_size + lora_file.stat().st_size
             rows.append(row("E4T", folder, evaluator.scores[steps], photos=1, lr=lr, steps=steps,
-                            tune_s=costs["train_s"], artifact_bytes=size))
+                            tune_s=costs["train_s"], artifact_bytes=size,
+                            **trait_rates(evaluator.images, suite, subject.identity)))
             # the saved files in a fresh pipeline draw the same pixels
             fresh = load_pipeline(model, device="cpu")
             fresh.set_progress_bar_config(disable=True)

@@ -40,10 +40,11 @@ SUBJECT_PHRASE = f"{PLACEHOLDER} person"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--people", type=int, default=1500)
-    p.add_argument("--photos", type=int, default=4, help="photos per person")
+    p.add_argument("--people", type=int, default=800,
+                   help="distinct identities (the toy world has 810, the 2 subjects held out: at most 808)")
+    p.add_argument("--photos", type=int, default=10, help="photos per person")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=E4TConfig.rank)
     p.add_argument("--offset-l2", type=float, default=E4TConfig.offset_l2)
     p.add_argument("--weight-l2", type=float, default=E4TConfig.weight_l2)
+    p.add_argument("--latent-branch", action="store_true", help="the encoder also reads the reference's VAE latent")
     p.add_argument("--model", default=str(TOY_MODEL_DIR), help="the pipeline folder (frozen)")
     p.add_argument("--runs", default="runs", help="results store for the run folder (checkpoints)")
     p.add_argument("--cache", default=".cache/e4t", help="folder for the rendered domain's latents and features")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     pipe = load_pipeline(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     config = E4TConfig(clip_dir=str(TOY_CLIP_DIR), scale=args.scale, rank=args.rank, alpha=float(args.rank),
-                       offset_l2=args.offset_l2, weight_l2=args.weight_l2)
+                       offset_l2=args.offset_l2, weight_l2=args.weight_l2, latent_branch=args.latent_branch)
     method = E4T(pipe, config, seed=args.seed)
     latents, features, captions, prep_s = domain_cache(pipe, method, args)
     print(f"domain: {args.people} people x {args.photos} photos, latents {tuple(latents.shape)}, "
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         batch = Batch(x0, caps, noise, timesteps, step, 0)
         # loss: denoising + the offset's and weight offsets' L2 penalties
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = method.domain_loss(batch, features[person, refs[:, 0]])
+        ref = (person, refs[:, 0])
+        loss, parts = method.domain_loss(batch, features[ref], latents[ref] if config.latent_branch else None)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss {loss.item()} at step {step}: lower --lr")
         loss.backward()

@@ -2,6 +2,7 @@
 files in a fresh pipeline, and resuming the pretraining script."""
 import importlib.util
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,10 +34,11 @@ def photo():
     return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """An ``e4t.safetensors`` as pretraining writes it, with non-zero encoder output and weight offsets."""
-    method = E4T(tiny(), CONFIG)
+@pytest.fixture(scope="module", params=[False, True], ids=["clip-features", "latent-branch"])
+def pretrained(tmp_path_factory, request):
+    """An ``e4t.safetensors`` as pretraining writes it, with non-zero encoder output and weight offsets (an encoder
+    reading CLIP features only, and one with the latent branch)."""
+    method = E4T(tiny(), replace(CONFIG, latent_branch=request.param))
     with torch.no_grad():
         torch.manual_seed(1)
         for p in method.trainable_parameters():
@@ -77,7 +79,7 @@ def test_offset_is_scaled_and_regularised():
     raw = method.encoder.net(features)
     _, offsets = method.subject_vectors(features)
     torch.testing.assert_close(offsets, 0.1 * raw)
-    assert float(weight_offset_l2(method.pipe.unet)) == 0.0  # B starts at zero
+    assert weight_offset_l2(method.pipe.unet).item() == 0.0  # B starts at zero
     layer = method.pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
     with torch.no_grad():
         layer.lora_B["default"].weight.fill_(0.1)
@@ -106,8 +108,21 @@ def test_one_step_trains_encoder_and_weight_offsets():
     assert parts["offset_norm"] == 0.0 and parts["diffusion"] > 0
 
 
+def test_latent_branch_reads_the_latents():
+    method = E4T(tiny(), replace(CONFIG, latent_branch=True))
+    with torch.no_grad():
+        method.encoder.net[-1].weight.normal_()
+    features, latents = torch.randn(2, 448), torch.randn(2, 4, 4, 4)
+    vectors, offsets = method.subject_vectors(features, latents)
+    assert vectors.shape == (2, 32)
+    other, _ = method.subject_vectors(features, latents.flip(0))
+    assert not torch.allclose(vectors, other)  # the latents change the word
+    with pytest.raises(ValueError, match="latents"):
+        method.subject_vectors(features)
+
+
 def test_personalised_files_round_trip(pretrained, photo, tmp_run_dir):
-    assert read_config(pretrained) == CONFIG
+    assert replace(read_config(pretrained), latent_branch=False) == CONFIG
     pipe = tiny()
     method = E4TPersonalise(pipe, pretrained, photo)
     start = method.vector()[0].detach().clone()
