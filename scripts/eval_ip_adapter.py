@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         run(best, scale)
     write_table(rows, args.table)
     fig = image_grid(list(grids.values()), row_labels=list(grids), col_labels=list(setup.names),
-                     title=f"IP-Adapter on the toy subject: aggregations of its 5 photos (seed {setup.seeds[0]})",
+                     title=f"IP-Adapter, toy subject's 5 photos\naggregated (seed {setup.seeds[0]})",
                      cell=1.3)
     save_figure(fig, args.figure)
     print(f"wrote {args.table} and {args.figure}")

@@ -2,6 +2,8 @@
 
     python scripts/train_toy_ip_adapter.py            # about 30 minutes at 1 thread on the project's 2-core CPU
 
+The toy world holds 810 identities; by default every one but the two subjects' (808) is a person of the domain.
+
 Stages, under the work folder (default ``~/.cache/portrait-studio/ip-adapter-train``), each resumable:
 
 1. ``data``    render ``--people`` distinct people x ``--photos`` photos (``domain.render_domain``), cache their VAE
@@ -11,7 +13,7 @@ Stages, under the work folder (default ``~/.cache/portrait-studio/ip-adapter-tra
                predicts one photo of a person (v-prediction loss, ``nbutils.train.diffusion_loss``) from its caption
                and *another* photo of the same person (``domain.leave_one_out``, 1 reference); images dropped to the
                zero embedding and captions to ``""`` at ``--drop`` each (and both together), for guidance;
-3. ``pool``    the adapter frozen, train the ``SelfAttentionPool`` aggregator on ``photos - 1`` references;
+3. ``pool``    the adapter frozen, train the ``SelfAttentionPool`` aggregator on ``--pool-refs`` other photos;
 4. ``save``    ``--out`` (``data/models/toy-encoders/ip-adapter``): ``ip_adapter.safetensors`` (the published
                format, ``pipe.load_ip_adapter`` reads it), ``aggregator.safetensors`` and ``training.json`` (the
                recipe, the seconds of every stage, the loss at the start and end of each training).
@@ -40,17 +42,20 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nbutils import domain  # noqa: E402
+from nbutils import domain, toyworld  # noqa: E402
 from nbutils import ip_adapter as ipa  # noqa: E402
 from nbutils.lora import encode_captions  # noqa: E402
 from nbutils.models import load_pipeline  # noqa: E402
 from nbutils.runs import atomic_write, atomic_write_json  # noqa: E402
+from nbutils.toyworld import SUBJECTS  # noqa: E402
 from nbutils.train import Batch, diffusion_loss, encode_latents  # noqa: E402
 
 DEFAULT_WORK = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio")) / \
     "ip-adapter-train"
 DEFAULT_OUT = REPO / "data" / "models" / "toy-encoders" / "ip-adapter"
 SUBJECT_PHRASE = "a person"  # the text names nobody: the image carries who
+MAX_PEOPLE = math.prod(len(v) for v in (toyworld.FACE_SHAPES, toyworld.SKIN_TONES, toyworld.HAIR_COLOURS,
+                                        toyworld.HAIR_STYLES, toyworld.ACCESSORIES, toyworld.MARKS)) - len(SUBJECTS)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -182,10 +187,11 @@ def loss_summary(losses: list[float]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--people", type=int, default=1500)
-    ap.add_argument("--photos", type=int, default=6, help="photos per person (stage 3 uses photos - 1 references)")
-    ap.add_argument("--adapter-steps", type=int, default=3000)
-    ap.add_argument("--pool-steps", type=int, default=600)
+    ap.add_argument("--people", type=int, default=MAX_PEOPLE, help=f"at most {MAX_PEOPLE}: every identity but the subjects'")
+    ap.add_argument("--photos", type=int, default=8, help="photos per person")
+    ap.add_argument("--pool-refs", type=int, default=5, help="references per row in stage 3 (the subject has 5)")
+    ap.add_argument("--adapter-steps", type=int, default=2500)
+    ap.add_argument("--pool-steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -198,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if not 0 < args.people <= MAX_PEOPLE:  # domain_identities would search forever for more
+        ap.error(f"--people must be 1..{MAX_PEOPLE}: the toy world has {MAX_PEOPLE + len(SUBJECTS)} identities and "
+                 "the subjects' are held out")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +232,7 @@ def main(argv=None) -> int:
         p.requires_grad_(False)
     pool = ipa.SelfAttentionPool(dim, seed=args.seed)
     record["pool"] = train_stage("pool", 2, args.work, pipe, data, list(pool.parameters()), pool, args,
-                                 args.pool_steps, args.photos - 1, drop_image=False)
+                                 args.pool_steps, args.pool_refs, drop_image=False)
     if args.stop_after and not (args.work / f"pool-step-{args.pool_steps}.json").is_file():
         print(json.dumps(record, indent=2))
         return 0
