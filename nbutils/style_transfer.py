@@ -4,9 +4,11 @@ match a content image at one layer and the Gram matrices of a style image at sev
 The VGG-19 feature stack is torchvision's ``vgg19().features`` layout, written in plain torch, so its published
 weights (``vgg19-dcbe5a78.pth``) load into it unchanged. Without them a seeded random network stands in: random
 conv nets also capture texture (Ustyuzhaninov et al. 2017; He, Wang & Hopcroft 2016). Any frozen conv stack can
-stand in through a ``FeatureStack`` (its layer names, input scaling and default layers): ``vgg19_stack`` and
-``toy_attribute_stack`` (the toy evaluators' convolutions). ``stylise_batch`` optimises a batch of images at once,
-``gram_distance`` measures how far an image's style is from a reference.
+stand in through a ``FeatureStack`` (its layer names, input scaling and default layers): ``vgg19_stack``,
+``toy_attribute_stack`` (the toy evaluators' convolutions), ``clip_vision_stack`` (a CLIP ViT's patch tokens,
+read as feature maps) and ``vae_encoder_stack`` (a diffusers VAE's encoder). ``stylise_batch`` optimises a batch of images at once, optionally keeping the content's
+colours (Gatys et al. 2017, "Controlling Perceptual Factors in Neural Style Transfer": luminance-only transfer or
+colour-matched style images); ``gram_distance`` measures how far an image's style is from a reference.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -55,9 +57,11 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 @dataclass(frozen=True)
 class FeatureStack:
-    """A frozen conv stack that NST reads features from: ``net``'s modules run in order, ``layers`` names module
+    """A frozen network that NST reads features from: ``net``'s modules run in order, ``layers`` names module
     indices, images in [0, 1] are normalised with ``mean`` and ``std`` first; ``content_layer`` and
-    ``style_layers`` are its defaults for ``stylise``. ``name`` says which network it is in messages and tables."""
+    ``style_layers`` are its defaults for ``stylise``. ``name`` says which network it is in messages and tables.
+    ``readout`` turns a module's output into the ``(B, C, H, W)`` feature map the losses read (``None``: it is one;
+    a transformer's ``(B, tokens, C)`` hidden states need one)."""
 
     net: nn.Sequential
     layers: Mapping[str, int]
@@ -66,6 +70,7 @@ class FeatureStack:
     content_layer: str
     style_layers: tuple[str, ...]
     name: str
+    readout: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def vgg19_stack(net: nn.Sequential, name: str = "VGG-19") -> FeatureStack:
@@ -83,6 +88,105 @@ def toy_attribute_stack(attribute_net: nn.Module) -> FeatureStack:
               for k, (kind, i) in enumerate((("conv", 1), ("norm", 1), ("act", 1), ("conv", 2), ("act", 2)))}
     return FeatureStack(attribute_net.body[: 5 * blocks], layers, (0.5,) * 3, (0.5,) * 3, f"act{blocks - 1}_2",
                         tuple(f"act{b}_1" for b in range(1, blocks + 1)), "toy attribute net")
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _ClipPatches(nn.Module):
+    """``(B, 3, H, W)`` normalised pixels -> ``(B, N, C)`` patch embeddings (CLIP's patch convolution, no bias)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(2).transpose(1, 2)
+
+
+class _ClipTokens(nn.Module):
+    """``(B, N, C)`` patch embeddings -> ``(B, 1 + N, C)``: the class token prepended, position embeddings added,
+    CLIP's pre-layernorm applied (``CLIPVisionEmbeddings`` and ``pre_layrnorm``)."""
+
+    def __init__(self, class_embedding: torch.Tensor, position_embedding: nn.Embedding, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.class_embedding, self.position_embedding, self.norm = class_embedding, position_embedding, norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        return self.norm(torch.cat([cls, x], dim=1) + self.position_embedding.weight[None])
+
+
+class _ClipLayer(nn.Module):
+    """One ``CLIPEncoderLayer``, no attention mask: ``(B, 1 + N, C)`` -> ``(B, 1 + N, C)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, None)
+
+
+def clip_vision_stack(vision_model: nn.Module, name: str = "toy CLIP image tower") -> FeatureStack:
+    """A ``transformers`` CLIP image tower (``CLIPModel.vision_model``, a ``CLIPVisionModel``) as a
+    ``FeatureStack``: layers ``patches`` (the patch convolution), ``tokens`` (class and position embeddings, pre-
+    layernorm) and ``layer1`` ... ``layerL`` (the encoder layers' outputs), each read as the ``(B, C, g, g)`` map
+    of the ``g x g`` patch tokens (the class token is dropped). The images must be the model's ``image_size``
+    (64 px for the toy CLIP: 8 px patches, ``g = 8``, ``C = 96``; its position embeddings are fixed to that grid);
+    CLIP's own normalisation. Defaults, as VGG's: a deep layer for content (``layer2``), shallow ones for style
+    (``patches``, ``layer1``). Shares the model's weights; frozen, eval. On the toy tier its NST paints patch-sized
+    noise and reaches no toy style (``scripts/nst_networks.py``, ``figures/style_nst_networks.csv``)."""
+    emb = vision_model.embeddings
+    modules = [_ClipPatches(emb.patch_embedding),
+               _ClipTokens(emb.class_embedding, emb.position_embedding, vision_model.pre_layrnorm),
+               *(_ClipLayer(layer) for layer in vision_model.encoder.layers)]
+    names = ["patches", "tokens", *(f"layer{i}" for i in range(1, len(modules) - 1))]
+    grid = emb.image_size // emb.patch_size
+
+    def patch_map(x: torch.Tensor) -> torch.Tensor:  # (B, [1 +] g*g, C) -> (B, C, g, g): the last g*g tokens
+        return x[:, -grid * grid :].transpose(1, 2).reshape(x.shape[0], -1, grid, grid)
+
+    net = nn.Sequential(*modules).requires_grad_(False).eval()
+    return FeatureStack(net, {n: i for i, n in enumerate(names)}, CLIP_MEAN, CLIP_STD, "layer2",
+                        ("patches", "layer1"), name, patch_map)
+
+
+class _NoTimestep(nn.Module):
+    """A diffusers ``ResnetBlock2D`` called without a timestep embedding: ``(B, C, H, W)`` -> ``(B, C', H, W)``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, None)
+
+
+def vae_encoder_stack(vae: nn.Module, name: str = "toy VAE encoder") -> FeatureStack:
+    """The encoder of a diffusers ``AutoencoderKL`` (the model's own VAE) as a ``FeatureStack``, block by block:
+    ``conv_in``, then per down block b = 1, 2, ... ``res{b}`` (its ResNet blocks' output) and ``down{b}`` (its
+    downsampler, where it has one), then ``mid``; [-1, 1] input scaling. The toy VAE (``data/models/toy-sd/vae``:
+    32, 64, 64 channels, one ResNet per block) maps 64 px to 64, 32, 16 px maps. Defaults, as VGG's: content the
+    last block's ``res{B}`` (toy: ``res3``, 16 px), style ``conv_in`` and the other blocks' (toy: ``res1``,
+    ``res2``). Shares the VAE's weights; frozen, eval. Trained on the
+    toy world's every style, yet on the toy tier its NST paints a checkerboard and reaches no toy style
+    (``scripts/nst_networks.py``)."""
+    encoder = vae.encoder
+    modules, layers = [encoder.conv_in], {"conv_in": 0}
+    for b, block in enumerate(encoder.down_blocks, start=1):
+        modules += [_NoTimestep(r) for r in block.resnets]
+        layers[f"res{b}"] = len(modules) - 1  # the last ResNet block's output
+        for down in block.downsamplers or ():
+            modules.append(down)
+            layers[f"down{b}"] = len(modules) - 1
+    modules.append(encoder.mid_block)
+    layers["mid"] = len(modules) - 1
+    net = nn.Sequential(*modules).requires_grad_(False).eval()
+    blocks = len(encoder.down_blocks)
+    return FeatureStack(net, layers, (0.5,) * 3, (0.5,) * 3, f"res{blocks}",
+                        ("conv_in", *(f"res{b}" for b in range(1, blocks))), name)
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -189,7 +293,7 @@ def extract(net: nn.Sequential | FeatureStack, image: torch.Tensor, layers: Iter
     for index, module in enumerate(stack.net[: max(wanted) + 1]):
         x = module(x)
         if index in wanted:
-            out[wanted[index]] = x
+            out[wanted[index]] = stack.readout(x) if stack.readout else x
     return out
 
 
@@ -230,7 +334,7 @@ def stylise(
 
 def stylise_batch(
     contents: Sequence[Image.Image],
-    styles: Sequence[Image.Image],
+    styles: Sequence[Image.Image | Sequence[Image.Image]],
     net: nn.Sequential | FeatureStack,
     *,
     content_layer: str | None = None,
@@ -242,12 +346,14 @@ def stylise_batch(
     lr: float | None = None,
     seed: int = 0,
     init: str = "content",
+    colour: str = "style",
     progress: bool = True,
 ) -> tuple[list[Image.Image], dict[str, list[float]]]:
     """Paint each of ``contents`` in the manner of its style image: the images' pixels are the only parameters.
 
-    ``styles`` holds one style image for all or one per content image; the content images share one size and are
-    optimised together as one batch. Each image's loss is ``content_weight * content_loss`` at ``content_layer``
+    ``styles`` holds one style for all or one per content image: a style image, or a list of pictures of one style
+    whose Gram matrices are averaged (a style set: what its pictures share, not what one of them shows); the content
+    images share one size and are optimised together as one batch. Each image's loss is ``content_weight * content_loss`` at ``content_layer``
     plus ``style_weight * style_loss`` over ``style_layers`` (equal weights summing to 1); the defaults are the
     stack's (VGG-19: ``relu4_2`` and ``STYLE_LAYERS``). The optimizer minimises the sum of the images' losses with
     ``optimizer`` "lbfgs" (``torch.optim.LBFGS``: one iteration per step with a strong-Wolfe line search, 2-3 loss
@@ -256,6 +362,13 @@ def stylise_batch(
     per pixel, so the batch changes nothing but float rounding); pixels are clamped to [0, 1] after each step. It
     starts from the content images (``init="content"``) or from uniform noise drawn with ``seed`` for the whole
     batch (``init="noise"``); the same arguments give the same pixels.
+
+    ``colour`` (Gatys et al. 2017, section 5): ``"style"`` lets the image take the style's colours (the 2016 method);
+    ``"match"`` first maps each style image's colours to its content image's mean and covariance
+    (``match_colours``); ``"luminance"`` transfers luminance only: content and style become grey images of their
+    luminance (the style's shifted and scaled to the content's mean and spread), and each result's luminance
+    replaces its content image's (``with_luminance``), so the content's chrominance is kept exactly. Its losses
+    are those of the grey images.
 
     Returns the RGB images at the content size and ``{"content", "style", "total"}``: the weighted losses, mean
     over the batch, after 0, 1, ..., ``steps`` steps (``total = content + style``; the last entry is the returned
@@ -266,8 +379,10 @@ def stylise_batch(
         raise ValueError(f"optimizer={optimizer!r}: use 'lbfgs' or 'adam'")
     if init not in ("content", "noise"):
         raise ValueError(f"init={init!r}: use 'content' or 'noise'")
+    if colour not in ("style", "match", "luminance"):
+        raise ValueError(f"colour={colour!r}: use 'style', 'match' or 'luminance'")
     if len(styles) not in (1, len(contents)):
-        raise ValueError(f"{len(styles)} style images for {len(contents)} content images: give one, or one each")
+        raise ValueError(f"{len(styles)} styles for {len(contents)} content images: give one, or one each")
     if len({im.size for im in contents}) != 1:
         raise ValueError(f"the content images differ in size ({sorted({im.size for im in contents})}): resize "
                          "them to one size, or stylise them one at a time")
@@ -278,11 +393,15 @@ def stylise_batch(
     param = next(stack.net.parameters())
     n = len(contents)
     target = torch.cat([to_tensor(im) for im in contents]).to(param)
-    style_batch = torch.cat([to_tensor(_fit(im, contents[0].size)) for im in styles]).to(param)
+    style_sets = [torch.cat([to_tensor(_fit(im, contents[0].size)) for im in _as_set(s)]).to(param) for s in styles]
+    original = target
+    if colour == "luminance":
+        target = luminance(target).expand(-1, 3, -1, -1)
     with torch.no_grad():
         content_target = extract(stack, target, [content_layer])[content_layer]
-        grams = {name: gram_matrix(f).expand(n, -1, -1)
-                 for name, f in extract(stack, style_batch, style_layers).items()}
+        per_image = [extract(stack, _keep_colours(style_sets[b % len(style_sets)], original[b : b + 1], colour),
+                             style_layers) for b in range(n)]
+        grams = {name: torch.stack([gram_matrix(f[name]).mean(0) for f in per_image]) for name in style_layers}
     layer_weights = {name: 1.0 / len(style_layers) for name in style_layers}
 
     if init == "content":
@@ -335,7 +454,60 @@ def stylise_batch(
             bar.update(1)
             bar.set_postfix(loss=f"{c + s:.3g}")
     bar.close()
+    if colour == "luminance":
+        good = with_luminance(original, luminance(good))
     return [_to_image(good[b : b + 1]) for b in range(n)], history
+
+
+def _as_set(style: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
+    return [style] if isinstance(style, Image.Image) else list(style)
+
+
+def _keep_colours(styles: torch.Tensor, content: torch.Tensor, colour: str) -> torch.Tensor:
+    """``styles`` ``(K, 3, H, W)`` prepared for one ``content`` image ``(1, 3, H', W')`` as ``colour`` says
+    (``stylise_batch``): unchanged, colour-matched to it, or grey with its luminance's mean and spread."""
+    if colour == "match":
+        return match_colours(styles, content.expand(len(styles), -1, -1, -1))
+    if colour == "luminance":
+        y, y_content = luminance(styles), luminance(content)
+        spread = y_content.std() / y.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+        return ((y - y.mean((1, 2, 3), keepdim=True)) * spread + y_content.mean()).clamp(0, 1).expand(-1, 3, -1, -1)
+    return styles
+
+
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, 1, H, W)`` luminance ``Y = 0.299 R + 0.587 G + 0.114 B`` (YIQ's Y,
+    ITU-R BT.601), in [0, 1]."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+    return (images * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def with_luminance(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``images`` ``(B, 3, H, W)`` with their luminance replaced by ``y`` ``(B, 1, H, W)``, chrominance (YIQ's I
+    and Q) kept: YIQ -> RGB adds Y to every channel, so this adds ``y - luminance(images)`` to each; clamped to
+    [0, 1]."""
+    return (images + y - luminance(images)).clamp(0, 1)
+
+
+def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``source`` ``(B, 3, H, W)`` with its pixels' colours mapped affinely so that their mean and 3 x 3 covariance
+    equal ``target``'s ``(B, 3, H', W')``, image by image: ``x -> C_t^(1/2) C_s^(-1/2) (x - m_s) + m_t`` with
+    symmetric matrix square roots (the "image analogies" colour transfer of Gatys et al. 2017, section 5.2;
+    ``eps`` is added to the covariances' diagonals); clamped to [0, 1]."""
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.flatten(2)  # (B, 3, P)
+        mean = flat.mean(2, keepdim=True)
+        centred = flat - mean
+        cov = centred @ centred.transpose(1, 2) / flat.shape[2] + eps * torch.eye(3, dtype=x.dtype, device=x.device)
+        return mean, cov
+
+    def power(cov: torch.Tensor, p: float) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(cov)
+        return vectors @ torch.diag_embed(values.clamp_min(eps) ** p) @ vectors.transpose(1, 2)
+
+    (m_s, c_s), (m_t, c_t) = stats(source), stats(target)
+    mapped = power(c_t, 0.5) @ power(c_s, -0.5) @ (source.flatten(2) - m_s) + m_t
+    return mapped.reshape(source.shape).clamp(0, 1)
 
 
 def _warn_not_finite(step: int, steps: int, loss: float, lr: float, content_weight: float,

@@ -1,5 +1,6 @@
 """Style transfer: the losses on hand-computed values, VGG-19's exact torchvision layout and its weight files, and
-stylise on the seeded random VGG-19 at 32 px; the style-image loader on every kind of bad file."""
+stylise on the seeded random VGG-19 at 32 px; the colour-preserving helpers by hand; the CLIP stack against
+transformers' own hidden states (a tiny random CLIP); the style-image loader on every kind of bad file."""
 from __future__ import annotations
 
 import pickle
@@ -26,8 +27,13 @@ from nbutils.style_transfer import (
     style_loss,
     stylise,
     stylise_batch,
+    clip_vision_stack,
+    luminance,
+    match_colours,
     toy_attribute_stack,
+    vae_encoder_stack,
     vgg19_features,
+    with_luminance,
 )
 from nbutils.toy_evaluators import ToyAttributeNet
 from nbutils.toyworld import TOY_SUBJECT, portraits, render, with_fields
@@ -297,6 +303,8 @@ def test_bad_choices_are_named(net, content, style):
         stylise(content, style, net, optimizer="sgd")
     with pytest.raises(ValueError, match="init='white': use 'content' or 'noise'"):
         stylise(content, style, net, init="white")
+    with pytest.raises(ValueError, match="colour='grey': use 'style', 'match' or 'luminance'"):
+        stylise(content, style, net, colour="grey")
 
 
 def test_a_batch_under_adam_paints_each_image_as_alone(net, content, style):
@@ -306,7 +314,7 @@ def test_a_batch_under_adam_paints_each_image_as_alone(net, content, style):
     for batched, (single, _) in zip(both, alone):  # Adam acts per pixel: only float rounding differs
         assert np.abs(np.asarray(batched, float) - np.asarray(single, float)).max() <= 1
     np.testing.assert_allclose(history["style"], np.mean([h["style"] for _, h in alone], axis=0), rtol=1e-4)
-    with pytest.raises(ValueError, match="2 style images for 3 content images"):
+    with pytest.raises(ValueError, match="2 styles for 3 content images"):
         stylise_batch([content] * 3, [style] * 2, net)
     with pytest.raises(ValueError, match="the content images differ in size"):
         stylise_batch([content, content.resize((16, 16))], [style], net)
@@ -334,6 +342,111 @@ def test_gram_distance_is_the_unweighted_style_loss(net, content, style):
     feats = extract(net, _to_tensor(content), STYLE_LAYERS)
     grams = {k: gram_matrix(f) for k, f in extract(net, _to_tensor(style), STYLE_LAYERS).items()}
     assert far == pytest.approx(style_loss(feats, grams, {k: 0.2 for k in STYLE_LAYERS}).item(), rel=1e-5)
+
+
+# --- keeping the content's colours (Gatys et al. 2017) ---------------------------------------------------------
+
+
+def test_luminance_by_hand():
+    pixels = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 0.5]]).view(1, 3, 1, 3)  # red, green, grey
+    torch.testing.assert_close(luminance(pixels), torch.tensor([0.299, 0.587, 0.5]).view(1, 1, 1, 3))
+
+
+def test_with_luminance_keeps_yiq_chrominance():
+    rgb = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)  # Y = 0.0598 + 0.2348 + 0.0684 = 0.363
+    out = with_luminance(rgb, torch.full((1, 1, 1, 1), 0.463))
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.3, 0.5, 0.7]))  # + 0.1 on every channel
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    before, after = yiq @ rgb.flatten(), yiq @ out.flatten()
+    torch.testing.assert_close(after[1:], before[1:])  # I and Q unchanged
+    assert after[0].item() == pytest.approx(0.463, abs=1e-3)
+    assert with_luminance(rgb, torch.ones(1, 1, 1, 1)).max().item() == 1.0  # clamped
+
+
+def test_match_colours_by_hand_and_its_statistics():
+    g = torch.Generator().manual_seed(0)
+    target = 0.3 + 0.4 * torch.rand(2, 3, 6, 6, generator=g)
+    source = 0.5 * target + 0.1  # covariance / 4, mean shifted: the map is x -> 2 (x - 0.1)
+    torch.testing.assert_close(match_colours(source, target, eps=0), target, atol=1e-5, rtol=0)
+    source = 0.4 + 0.2 * torch.rand(2, 3, 5, 7, generator=g)  # another size; values stay inside [0, 1]
+    mapped = match_colours(source, target, eps=0)
+    assert mapped.shape == source.shape
+
+    def stats(x):
+        flat = x.flatten(2)
+        centred = flat - flat.mean(2, keepdim=True)
+        return flat.mean(2), centred @ centred.transpose(1, 2) / flat.shape[2]
+
+    for got, want in zip(stats(mapped), stats(target)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_luminance_mode_keeps_the_contents_colours(net, content, style):
+    out, history = stylise(content, style, net, steps=4, optimizer="adam", colour="luminance", progress=False)
+    before, after = _to_tensor(content), _to_tensor(out)
+    delta = after - before  # the same on every channel, up to 8-bit rounding, where nothing was clamped
+    inside = ((after > 0) & (after < 1)).all(1, keepdim=True).expand_as(delta)
+    spread = (delta.max(1, keepdim=True).values - delta.min(1, keepdim=True).values).expand_as(delta)
+    assert spread[inside].max().item() <= 1.5 / 255
+    assert delta.abs().max().item() > 0.05 and history["style"][-1] < history["style"][0]
+    unchanged, _ = stylise(content, style, net, steps=3, optimizer="adam", colour="luminance", style_weight=0.0,
+                           progress=False)
+    assert np.abs(np.asarray(unchanged, float) - np.asarray(content, float)).max() <= 1
+
+
+def test_match_mode_paints_with_the_colour_matched_style(net, content, style, monkeypatch):
+    seen = []
+    monkeypatch.setattr(st, "gram_matrix", lambda f: seen.append(f) or gram_matrix(f))
+    stylise(content, style, net, steps=0, colour="match", style_layers=["conv1_1"], progress=False)
+    matched = match_colours(_to_tensor(style.resize(content.size, Image.Resampling.LANCZOS)), _to_tensor(content))
+    torch.testing.assert_close(seen[0], extract(net, matched, ["conv1_1"])["conv1_1"], atol=1e-3, rtol=1e-3)
+
+
+# --- the CLIP image tower as a feature stack -------------------------------------------------------------------
+
+
+def test_clip_stack_reads_transformers_patch_tokens():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=4)
+    vision = CLIPVisionModel(config).eval()
+    stack = clip_vision_stack(vision, "tiny CLIP")
+    assert list(stack.layers) == ["patches", "tokens", "layer1", "layer2"]
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    pixels = (x - torch.tensor(st.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(st.CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states  # tokens, layer1, layer2
+        feats = extract(stack, x, stack.layers)
+    assert {k: tuple(f.shape) for k, f in feats.items()} == {k: (2, 16, 4, 4) for k in stack.layers}
+    for name, h in zip(("tokens", "layer1", "layer2"), hidden):  # the class token dropped, a 4 x 4 grid
+        torch.testing.assert_close(feats[name], h[:, 1:].transpose(1, 2).reshape(2, 16, 4, 4))
+    patches = F.conv2d(pixels, vision.embeddings.patch_embedding.weight, stride=4)
+    torch.testing.assert_close(feats["patches"], patches)
+    assert (stack.content_layer, stack.style_layers) == ("layer2", ("patches", "layer1"))
+    assert not any(p.requires_grad for p in stack.net.parameters())
+
+
+def test_vae_encoder_stack_names_the_encoders_blocks():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4, sample_size=16).eval()
+    stack = vae_encoder_stack(vae)
+    assert list(stack.layers) == ["conv_in", "res1", "down1", "res2", "mid"]  # the last block does not downsample
+    assert (stack.content_layer, stack.style_layers) == ("res2", ("conv_in", "res1"))
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    feats = extract(stack, x, stack.layers)
+    assert {k: tuple(f.shape) for k, f in feats.items()} == {"conv_in": (1, 8, 16, 16), "res1": (1, 8, 16, 16),
+                                                            "down1": (1, 8, 8, 8), "res2": (1, 16, 8, 8),
+                                                            "mid": (1, 16, 8, 8)}
+    with torch.no_grad():
+        encoder = vae.encoder
+        h = encoder.mid_block(encoder.down_blocks[1](encoder.down_blocks[0](encoder.conv_in(x * 2 - 1))))
+    torch.testing.assert_close(feats["mid"], h)  # diffusers' own encoder, [-1, 1] input, up to its last norm
 
 
 # --- the style image ------------------------------------------------------------------------------------------
