@@ -1,6 +1,7 @@
 """Measure E4T on a toy subject: personalise from ONE photo in a few steps, score it as the method notebooks do.
 
-    python scripts/eval_e4t.py                                   # the toy subject -> figures/e4t_results.csv
+    python scripts/eval_e4t.py                                   # the toy subject, the default recipe
+    python scripts/eval_e4t.py --lrs 3e-4,1e-3 --steps 5,15      # the committed figures/e4t_results.csv
     python scripts/eval_e4t.py --subject data/subjects/toy-val --lrs 1e-4,3e-4 --steps 5,10,15 \
         --n-samples 8 --csv figures/sweeps/e4t_sweep.csv         # choose the recipe on the validation subject
 

@@ -64,25 +64,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def domain_cache(pipe, method: E4T, args) -> tuple[torch.Tensor, torch.Tensor, list[list[str]], float]:
-    """``(latents (P, K, 4, h, w), features (P, K, F), captions, seconds)``, read from ``--cache`` when an earlier
+    """``(latents (P, K, 4, h, w), features (P, K, F), captions, seconds it took to build)``, from ``--cache`` when an earlier
     call rendered the same domain (seed, people, photos) for the same model, else rendered, encoded and saved
     there atomically (a resumed or re-sized run does not render again)."""
     name = f"domain-{Path(args.model).name}-s{args.seed}-{args.people}x{args.photos}.safetensors"
     path = repo_path(args.cache) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
     if not path.is_file():
         render_and_encode(pipe, method, args, path)
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:  # read back even when just written: one code path, the same bits
-        captions = json.loads(f.metadata()["captions"])
+        meta = f.metadata()
     cached = load_file(path)
-    return cached["latents"], cached["features"], captions, time.perf_counter() - began
+    return cached["latents"], cached["features"], json.loads(meta["captions"]), float(meta["seconds"])
 
 
 def render_and_encode(pipe, method: E4T, args, path: Path) -> None:
-    """Render the domain, encode its VAE latents and CLIP features, and save them (with the captions) to ``path``."""
+    """Render the domain, encode its VAE latents and CLIP features, and save them (with the captions and the
+    seconds it took) to ``path``."""
+    began = time.perf_counter()
     domain = render_domain(args.seed, args.people, args.photos)
     captions = [[c.replace(DOMAIN_S, SUBJECT_PHRASE) for c in row] for row in domain.captions]
     flat = domain.images.flatten(0, 1)  # (P*K, 3, 64, 64) uint8
@@ -94,7 +95,16 @@ def render_and_encode(pipe, method: E4T, args, path: Path) -> None:
     shape = (args.people, args.photos)
     latents, features = latents.view(*shape, *latents.shape[1:]), features.view(*shape, -1)
     tensors = {"latents": latents.contiguous(), "features": features.contiguous()}
-    atomic_write(path, save(tensors, metadata={"captions": json.dumps(captions)}))
+    seconds = f"{time.perf_counter() - began:.1f}"
+    atomic_write(path, save(tensors, metadata={"captions": json.dumps(captions), "seconds": seconds}))
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (the JSON reads the same in every clone)."""
+    try:
+        return str(Path(path).resolve().relative_to(repo_path(".")))
+    except ValueError:
+        return str(path)
 
 
 def find_run(args, params: dict):
@@ -179,8 +189,8 @@ def main(argv: list[str] | None = None) -> Path | None:
               "offset_norm": round(sum(p["offset_norm"] for p in w) / len(w), 4)} for w in windows if w]
     atomic_write_json(out / "training.json", {
         "method": "E4T domain pretraining (nbutils.e4t, scripts/train_toy_e4t.py)",
-        "model": args.model, "e4t_config": asdict(config),
-        "recipe": {**params, "optimizer": "AdamW", "weight_decay": cfg.weight_decay, "lr_scheduler": "cosine",
+        "model": _relative(args.model), "e4t_config": {**asdict(config), "clip_dir": _relative(config.clip_dir)},
+        "recipe": {**params, "model": _relative(args.model), "optimizer": "AdamW", "weight_decay": cfg.weight_decay, "lr_scheduler": "cosine",
                    "max_grad_norm": cfg.max_grad_norm, "prediction": "v_prediction", "threads": 1},
         "seconds": {"domain_render_encode": round(prep_s, 1), "train": round(train_s, 1),
                     "train_per_step": round(train_s / max(1, args.steps), 3)},
