@@ -1,15 +1,16 @@
 """Score the toy IP-Adapter's aggregations on the study's grid: base model vs single / max / mean / self-attention.
 
-    python scripts/eval_ip_adapter.py            # about 10 minutes at 1 thread
+    python scripts/eval_ip_adapter.py            # about 10 minutes at 1 thread on a quiet CPU
 
 The subject is ``data/subjects/toy`` (its five photos are both the IP-Adapter's references and the identity
 references; ``subject.json`` holds the identity truth for the success rate and FID). The grid is
 ``nbutils.study.eval_setup(toy, seed=0, quick=False)``: 3 prompts x 16 seeds, 25 DDIM steps, guidance 4, the prompts
 naming the person only as ``"a person"`` (the image carries who). The adapter is loaded from
 ``data/models/toy-encoders/ip-adapter`` with diffusers' ``pipe.load_ip_adapter``; each variant's aggregated
-embedding goes in as ``ip_adapter_image_embeds`` (zero negative). Every variant runs at lambda 1.0, the best one
-(highest identity) again at each ``--scales`` value. One row per variant goes to ``--table``
-(``figures/ip_adapter_aggregation.csv``), the first seed of every prompt to ``--figure``.
+embedding goes in as ``ip_adapter_image_embeds`` (zero negative). Every variant runs at each lambda of
+``--scales`` (1.0 and 0.5). One row per variant and lambda goes to ``--table`` (``figures/ip_adapter_aggregation.csv``:
+the scores of ``evaluate_images`` with their 95 % intervals, identity per prompt, and per identity trait the share
+of images in which the attribute net reads the subject's value), the first seed of every prompt to ``--figure``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from nbutils.models import load_pipeline, model_tier, resolve_model  # noqa: E40
 from nbutils.recipes import CLASS_PHRASE, write_table  # noqa: E402
 from nbutils.sampling import generate  # noqa: E402
 from nbutils.study import EvalSetup, eval_setup  # noqa: E402
-from nbutils.toyworld import Identity  # noqa: E402
+from nbutils.toyworld import IDENTITY_FIELDS, Identity, Portrait  # noqa: E402
 from nbutils.viz import image_grid, save_figure  # noqa: E402
 
 SUBJECT = REPO / "data" / "subjects" / "toy"
@@ -52,8 +53,17 @@ def sample_grid(pipe, setup: EvalSetup, **pipe_kwargs) -> dict[str, list[Image.I
             for prompt in setup.prompts(CLASS_PHRASE)}
 
 
-def row(variant: str, scale: float | None, scores: dict, seconds: float) -> dict:
-    """One table row: the scores of ``evaluate_images`` with its 95 % intervals split into columns."""
+def trait_rates(images: dict[str, list[Image.Image]], suite, truth: Identity) -> dict[str, float]:
+    """Per identity trait, the share of all images in which the attribute net reads the subject's value: which
+    parts of who they are the image prompt carries (the success rate needs all six, and the scene and style)."""
+    flat = [im for imgs in images.values() for im in imgs]
+    read, want = suite.attributes(flat), Portrait(truth).labels()
+    return {f"trait[{k}]": (read[k] == want[k]).float().mean().item() for k in IDENTITY_FIELDS}
+
+
+def row(variant: str, scale: float | None, scores: dict, seconds: float, traits: dict) -> dict:
+    """One table row: the scores of ``evaluate_images`` with its 95 % intervals split into columns, then the
+    trait read-out rates."""
     ci = scores["identity_ci"] or [None, None]
     ct = scores["clip_t_ci"] or [None, None]
     out = {"variant": variant, "scale": scale, "identity": scores["identity"], "identity_ci_low": ci[0],
@@ -63,6 +73,7 @@ def row(variant: str, scale: float | None, scores: dict, seconds: float) -> dict
            "is_mean": scores["is_mean"]}
     for prompt, per in scores["per_prompt"].items():
         out[f"identity[{prompt}]"] = per["identity"]
+    out.update(traits)
     out["seconds"] = round(seconds, 1)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
@@ -72,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", type=Path, default=ADAPTER)
     ap.add_argument("--subject", type=Path, default=SUBJECT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scales", default="0.5", help="comma-separated extra lambdas for the best variant")
+    ap.add_argument("--scales", default="1.0,0.5", help="comma-separated lambdas, each run for every variant")
     ap.add_argument("--variants", default=",".join(ipa.AGGREGATIONS))
     ap.add_argument("--n-samples", type=int, default=None, help="seeds per prompt (default: the tier's, 16)")
     ap.add_argument("--table", type=Path, default=REPO / "figures" / "ip_adapter_aggregation.csv")
@@ -91,7 +102,8 @@ def main(argv=None) -> int:
     rows, grids = [], {}
     t = time.perf_counter()
     base_images = sample_grid(load_pipeline(ref), setup)
-    rows.append(row("base model", None, score(base_images), time.perf_counter() - t))
+    rows.append(row("base model", None, score(base_images), time.perf_counter() - t,
+                    trait_rates(base_images, suite, truth)))
     grids["base model"] = [imgs[0] for imgs in base_images.values()]
     print(rows[-1], flush=True)
 
@@ -106,16 +118,14 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         pipe.set_ip_adapter_scale(scale)
         images = sample_grid(pipe, setup, ip_adapter_image_embeds=ipa.image_prompt_embeds(aggregated[how]))
-        rows.append(row(how, scale, score(images), time.perf_counter() - t))
-        grids[f"{how}, lambda {scale:g}"] = [imgs[0] for imgs in images.values()]
+        rows.append(row(how, scale, score(images), time.perf_counter() - t, trait_rates(images, suite, truth)))
+        grids[f"{how}\nlambda {scale:g}"] = [imgs[0] for imgs in images.values()]
         print(rows[-1], flush=True)
         write_table(rows, args.table)
 
-    for how in aggregated:
-        run(how, 1.0)
-    best = max(rows[1:], key=lambda r: r["identity"])["variant"]
-    for scale in (float(s) for s in args.scales.split(",") if s):
-        run(best, scale)
+    for scale in (float(s) for s in args.scales.split(",")):
+        for how in aggregated:
+            run(how, scale)
     write_table(rows, args.table)
     fig = image_grid(list(grids.values()), row_labels=list(grids), col_labels=list(setup.names),
                      title=f"IP-Adapter, toy subject's 5 photos\naggregated (seed {setup.seeds[0]})",
