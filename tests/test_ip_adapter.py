@@ -160,3 +160,17 @@ def test_toy_image_encoder_gives_64d_features_that_tell_people_apart():
     sim = feats @ feats.T
     same = (sim[:3, :3].sum() - 3) / 6 + (sim[3:, 3:].sum() - 3) / 6
     assert same / 2 > sim[:3, 3:].mean()  # photos of one person are closer than photos of two
+
+
+def test_pretraining_refuses_more_people_than_the_toy_world_has(capsys):
+    import importlib.util
+
+    from nbutils.runs import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_toy_ip_adapter", REPO_ROOT / "scripts" / "train_toy_ip_adapter.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.MAX_PEOPLE == 808  # 3 faces x 3 skins x 5 hair colours x 3 styles x 3 accessories x 2 marks - 2
+    with pytest.raises(SystemExit):
+        script.main(["--people", "1500"])  # domain_identities would search forever
+    assert "--people must be 1..808" in capsys.readouterr().err
