@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from nbutils.models import ModelUnavailable
-from nbutils.runs import atomic_write
+from nbutils.runs import REPO_ROOT, atomic_write, repo_path
 
 NUM_TOKENS = 4  # image tokens per reference: what diffusers builds for a published "proj.weight" checkpoint
 WEIGHTS_NAME = "ip_adapter.safetensors"
@@ -50,6 +50,8 @@ AGGREGATOR_NAME = "aggregator.safetensors"
 PUBLISHED_REPO = "h94/IP-Adapter"
 PUBLISHED_SUBFOLDER = "models"
 PUBLISHED_WEIGHTS = "ip-adapter_sd15.safetensors"
+TOY_ADAPTER_DIR = REPO_ROOT / "data" / "models" / "toy-encoders" / "ip-adapter"
+"""The toy tier's adapter and pool, pretrained by ``scripts/train_toy_ip_adapter.py`` (``make toy-encoders``)."""
 Aggregation = Literal["single", "max", "mean", "attention"]
 AGGREGATIONS: tuple[str, ...] = ("single", "max", "mean", "attention")
 
@@ -183,11 +185,53 @@ def load_ip_adapter(pipe: StableDiffusionPipeline, folder: str | Path, *, scale:
     pipe.set_ip_adapter_scale(scale)
 
 
-def load_aggregator(folder: str | Path, dim: int) -> "SelfAttentionPool":
-    """The ``SelfAttentionPool`` saved in ``folder/AGGREGATOR_NAME`` for ``dim``-d embeddings (eval mode)."""
+def load_aggregator(folder: str | Path, dim: int) -> "SelfAttentionPool | None":
+    """The ``SelfAttentionPool`` saved in ``folder/AGGREGATOR_NAME`` for ``dim``-d embeddings (eval mode); ``None``
+    when ``folder`` holds none (the published SD1.5 adapter comes without one)."""
+    file = Path(folder) / AGGREGATOR_NAME
+    if not file.is_file():
+        return None
     pool = SelfAttentionPool(dim)
-    pool.load_state_dict(load_file(Path(folder) / AGGREGATOR_NAME))
+    pool.load_state_dict(load_file(file))
     return pool.eval()
+
+
+def pretrained_source(choice: str | Path, tier: str) -> str | Path:
+    """Where a notebook's ``IP_ADAPTER`` parameter points: ``"auto"`` is ``TOY_ADAPTER_DIR`` on the toy tier and the
+    published ``PUBLISHED_REPO`` on SD1.5; a folder is taken as it is, anything else as a hub id."""
+    if str(choice) != "auto":
+        return repo_path(choice) if repo_path(choice).is_dir() else str(choice)
+    if tier == "toy":
+        return TOY_ADAPTER_DIR
+    if tier == "real":
+        return PUBLISHED_REPO
+    raise ValueError(f"No IP-Adapter is trained for the {tier} tier: set IP_ADAPTER to an adapter folder, or use "
+                     "MODEL='toy' (its adapter: make toy-encoders) or SD1.5.")
+
+
+def attach(pipe: StableDiffusionPipeline, source: str | Path, *, scale: float = 1.0) -> "ImageEncoder":
+    """Load the adapter at ``source`` (``pretrained_source``) into ``pipe`` at strength ``scale`` and return the
+    image encoder whose embeddings it reads: a ``save_ip_adapter`` folder (``load_ip_adapter``) reads the toy CLIP,
+    the published weights (``load_published_ip_adapter``) their own CLIP image encoder."""
+    if (Path(source) / WEIGHTS_NAME).is_file():
+        load_ip_adapter(pipe, source, scale=scale)
+        return ImageEncoder.toy()
+    load_published_ip_adapter(pipe, str(source), scale=scale)
+    return ImageEncoder.from_pipeline(pipe)
+
+
+def read_recipe(source: str | Path) -> dict:
+    """What the adapter at ``source`` was pretrained on, from its ``training.json``: ``people``, ``photos`` (per
+    person), ``seed``, ``steps`` (adapter, then pool) and ``minutes`` (the whole pretraining, data included); for the published
+    weights ``{"source": ...}``."""
+    file = Path(source) / "training.json"
+    if not file.is_file():
+        return {"source": f"{source} (published weights)"}
+    info = json.loads(file.read_text())
+    recipe = info["recipe"]
+    return {"people": recipe["people"], "photos": recipe["photos"], "seed": recipe["seed"],
+            "steps": f"{recipe['adapter_steps']} + {recipe['pool_steps']} (pool)",
+            "minutes": round(info["seconds_this_session"] / 60, 1)}
 
 
 def load_published_ip_adapter(pipe: StableDiffusionPipeline, source: str = PUBLISHED_REPO, *,

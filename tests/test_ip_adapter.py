@@ -174,3 +174,22 @@ def test_pretraining_refuses_more_people_than_the_toy_world_has(capsys):
     with pytest.raises(SystemExit):
         script.main(["--people", "1500"])  # domain_identities would search forever
     assert "--people must be 1..808" in capsys.readouterr().err
+
+
+def test_notebook_entry_points_resolve_load_and_describe_the_shipped_adapter(tmp_path):
+    assert ipa.pretrained_source("auto", "toy") == ipa.TOY_ADAPTER_DIR
+    assert ipa.pretrained_source("auto", "real") == ipa.PUBLISHED_REPO
+    assert ipa.pretrained_source(str(tmp_path), "real") == tmp_path
+    with pytest.raises(ValueError, match="No IP-Adapter is trained for the tiny tier"):
+        ipa.pretrained_source("auto", "tiny")
+    assert ipa.load_aggregator(tmp_path, 64) is None
+    assert ipa.read_recipe("h94/IP-Adapter") == {"source": "h94/IP-Adapter (published weights)"}
+    recipe = ipa.read_recipe(ipa.TOY_ADAPTER_DIR)
+    assert recipe["people"] == 808 and recipe["photos"] >= 2 and 0 < recipe["minutes"] <= 60
+    from nbutils.models import load_pipeline
+
+    pipe = load_pipeline("toy")
+    encoder = ipa.attach(pipe, ipa.TOY_ADAPTER_DIR, scale=0.5)
+    assert encoder.dim == 64 and pipe.unet.encoder_hid_proj is not None
+    assert all(p.scale == [0.5] for p in ipa.ip_processors(pipe.unet))
+    assert ipa.load_aggregator(ipa.TOY_ADAPTER_DIR, encoder.dim) is not None
