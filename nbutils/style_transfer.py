@@ -3,12 +3,16 @@ match a content image at one layer and the Gram matrices of a style image at sev
 
 The VGG-19 feature stack is torchvision's ``vgg19().features`` layout, written in plain torch, so its published
 weights (``vgg19-dcbe5a78.pth``) load into it unchanged. Without them a seeded random network stands in: random
-conv nets also capture texture (Ustyuzhaninov et al. 2017; He, Wang & Hopcroft 2016). Any frozen conv stack can
+conv nets also capture texture (Ustyuzhaninov et al. 2017; He, Wang & Hopcroft 2016). Any frozen network can
 stand in through a ``FeatureStack`` (its layer names, input scaling and default layers): ``vgg19_stack``,
-``toy_attribute_stack`` (the toy evaluators' convolutions), ``clip_vision_stack`` (a CLIP ViT's patch tokens,
-read as feature maps) and ``vae_encoder_stack`` (a diffusers VAE's encoder). ``stylise_batch`` optimises a batch of images at once, optionally keeping the content's
-colours (Gatys et al. 2017, "Controlling Perceptual Factors in Neural Style Transfer": luminance-only transfer or
-colour-matched style images); ``gram_distance`` measures how far an image's style is from a reference.
+``toy_attribute_stack`` (the toy evaluators' convolutions), ``clip_vision_stack`` (a CLIP ViT's patch tokens, read
+as feature maps) and ``vae_encoder_stack`` (a diffusers VAE's encoder). ``stylise_batch`` optimises a batch of
+images at once, a style given by one picture or by a set (their mean Gram matrices), optionally keeping the
+content's colours (Gatys et al. 2017, "Controlling Perceptual Factors in Neural Style Transfer": luminance-only
+transfer or colour-matched style images); ``gram_distance`` measures how far an image's style is from a reference.
+
+On the toy tier no network and colour mode of these reaches the toy styles (``scripts/nst_networks.py``,
+``figures/style_nst_networks.csv``), so the defaults stay the 2016 method's.
 """
 from __future__ import annotations
 
@@ -320,6 +324,11 @@ def _fit(style: Image.Image, size: tuple[int, int]) -> Image.Image:
     return style.resize((max(1, round(style.width * k)), max(1, round(style.height * k))), Image.Resampling.LANCZOS)
 
 
+COLOURS = ("style", "match", "luminance", "luminance-matched")
+"""``stylise_batch``'s colour modes: the style's colours, the style colour-matched to the content, luminance only
+(the content's chrominance kept), luminance only with the style's luminance matched to the content's."""
+
+
 def stylise(
     content: Image.Image,
     style: Image.Image,
@@ -352,23 +361,23 @@ def stylise_batch(
     """Paint each of ``contents`` in the manner of its style image: the images' pixels are the only parameters.
 
     ``styles`` holds one style for all or one per content image: a style image, or a list of pictures of one style
-    whose Gram matrices are averaged (a style set: what its pictures share, not what one of them shows); the content
-    images share one size and are optimised together as one batch. Each image's loss is ``content_weight * content_loss`` at ``content_layer``
-    plus ``style_weight * style_loss`` over ``style_layers`` (equal weights summing to 1); the defaults are the
-    stack's (VGG-19: ``relu4_2`` and ``STYLE_LAYERS``). The optimizer minimises the sum of the images' losses with
-    ``optimizer`` "lbfgs" (``torch.optim.LBFGS``: one iteration per step with a strong-Wolfe line search, 2-3 loss
-    evaluations; ``lr`` default 1.0; its line search is shared by the batch, so a batch's images differ a little
-    from one-at-a-time runs) or "adam" (one evaluation per step; ``lr`` default 0.05, in pixel units of [0, 1];
-    per pixel, so the batch changes nothing but float rounding); pixels are clamped to [0, 1] after each step. It
-    starts from the content images (``init="content"``) or from uniform noise drawn with ``seed`` for the whole
-    batch (``init="noise"``); the same arguments give the same pixels.
+    whose Gram matrices are averaged (a style set: what its pictures share, not what one of them shows); the
+    content images share one size and are optimised together as one batch. Each image's loss is ``content_weight *
+    content_loss`` at ``content_layer`` plus ``style_weight * style_loss`` over ``style_layers`` (equal weights
+    summing to 1); the defaults are the stack's (VGG-19: ``relu4_2`` and ``STYLE_LAYERS``). The optimizer minimises
+    the sum of the images' losses with ``optimizer`` "lbfgs" (``torch.optim.LBFGS``: one iteration per step with a
+    strong-Wolfe line search, 2-3 loss evaluations; ``lr`` default 1.0; its line search is shared by the batch, so a
+    batch's images differ a little from one-at-a-time runs) or "adam" (one evaluation per step; ``lr`` default 0.05,
+    in pixel units of [0, 1]; per pixel, so the batch changes nothing but float rounding); pixels are clamped to
+    [0, 1] after each step. It starts from the content images (``init="content"``) or from uniform noise drawn with
+    ``seed`` for the whole batch (``init="noise"``); the same arguments give the same pixels.
 
     ``colour`` (Gatys et al. 2017, section 5): ``"style"`` lets the image take the style's colours (the 2016 method);
     ``"match"`` first maps each style image's colours to its content image's mean and covariance
     (``match_colours``); ``"luminance"`` transfers luminance only: content and style become grey images of their
-    luminance (the style's shifted and scaled to the content's mean and spread), and each result's luminance
-    replaces its content image's (``with_luminance``), so the content's chrominance is kept exactly. Its losses
-    are those of the grey images.
+    luminance, and each result's luminance replaces its content image's (``with_luminance``), so the content's
+    chrominance is kept exactly; ``"luminance-matched"`` also shifts and scales the style's luminance to the
+    content's mean and spread first, as the paper does. Their losses are those of the grey images.
 
     Returns the RGB images at the content size and ``{"content", "style", "total"}``: the weighted losses, mean
     over the batch, after 0, 1, ..., ``steps`` steps (``total = content + style``; the last entry is the returned
@@ -379,8 +388,8 @@ def stylise_batch(
         raise ValueError(f"optimizer={optimizer!r}: use 'lbfgs' or 'adam'")
     if init not in ("content", "noise"):
         raise ValueError(f"init={init!r}: use 'content' or 'noise'")
-    if colour not in ("style", "match", "luminance"):
-        raise ValueError(f"colour={colour!r}: use 'style', 'match' or 'luminance'")
+    if colour not in COLOURS:
+        raise ValueError(f"colour={colour!r}: use one of {', '.join(map(repr, COLOURS))}")
     if len(styles) not in (1, len(contents)):
         raise ValueError(f"{len(styles)} styles for {len(contents)} content images: give one, or one each")
     if len({im.size for im in contents}) != 1:
@@ -395,7 +404,7 @@ def stylise_batch(
     target = torch.cat([to_tensor(im) for im in contents]).to(param)
     style_sets = [torch.cat([to_tensor(_fit(im, contents[0].size)) for im in _as_set(s)]).to(param) for s in styles]
     original = target
-    if colour == "luminance":
+    if colour.startswith("luminance"):
         target = luminance(target).expand(-1, 3, -1, -1)
     with torch.no_grad():
         content_target = extract(stack, target, [content_layer])[content_layer]
@@ -454,7 +463,7 @@ def stylise_batch(
             bar.update(1)
             bar.set_postfix(loss=f"{c + s:.3g}")
     bar.close()
-    if colour == "luminance":
+    if colour.startswith("luminance"):
         good = with_luminance(original, luminance(good))
     return [_to_image(good[b : b + 1]) for b in range(n)], history
 
@@ -469,6 +478,8 @@ def _keep_colours(styles: torch.Tensor, content: torch.Tensor, colour: str) -> t
     if colour == "match":
         return match_colours(styles, content.expand(len(styles), -1, -1, -1))
     if colour == "luminance":
+        return luminance(styles).expand(-1, 3, -1, -1)
+    if colour == "luminance-matched":
         y, y_content = luminance(styles), luminance(content)
         spread = y_content.std() / y.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
         return ((y - y.mean((1, 2, 3), keepdim=True)) * spread + y_content.mean()).clamp(0, 1).expand(-1, 3, -1, -1)

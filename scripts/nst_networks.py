@@ -11,8 +11,13 @@ Portraits: ``--portraits render`` draws the toy subject in the "photo" style (st
 pilots); ``--portraits personalised`` samples the best finished run of ``--out-dir`` with the "studio" prompt, as
 notebook 07 does (``choose_run``/``load_personalised``, ``eval_setup``/``sample_prompts``).
 
-    python scripts/nst_networks.py --n 4 --variants vgg-random clip clip-luminance      # a pilot
-    python scripts/nst_networks.py --n 16 --portraits personalised --out-dir runs/v3 --variants clip-luminance
+    python scripts/nst_networks.py --n 4 --variants vgg-random clip vgg-random-luminance      # a pilot
+    python scripts/nst_networks.py --n 16 --portraits personalised --out-dir runs/v3 --variants vgg-random-luminance
+
+``--diagnose`` asks whether the random VGG-19's Gram matrices see the toy styles at all: for rendered portraits,
+the mean ``gram_distance`` to the reference of the photo, of the same portrait truly rendered in the style, and of
+its NST output (notebook 07's route; and in grey, of the "luminance-matched" route), and the style classifier on
+the true renders with the photo's chrominance (``with_luminance``: can a luminance-only route pass at all?).
 
 Seeded and single-threaded: the same arguments give the same table. Writes ``figures/style_nst_networks.csv``
 (one row per variant and style, and an "all" row per variant; rows of other portraits, sizes or variants already
@@ -36,20 +41,31 @@ from nbutils.toyworld import STYLES, TOY_SUBJECT, portraits, render, with_fields
 ART = [s for s in STYLES if s != "photo"]
 OUT = REPO_ROOT / "figures" / "style_nst_networks.csv"
 
-# network, then stylise_batch options; steps and Adam (lr 0.05) unless said
+# network, then stylise_batch options; steps and Adam (lr 0.05) unless said; "style_set": K paints with the mean
+# Gram of K renders of the style on other people (the first is notebook 07's reference), not one reference
 VARIANTS = {
     "vgg-random": ("vgg19-random", {}),  # notebook 07's route: relu4_2, the paper's 5 style layers, 1e6
-    "vgg-random-luminance": ("vgg19-random", {"colour": "luminance"}),
+    "vgg-random-lummatched": ("vgg19-random", {"colour": "luminance-matched"}),
     "vgg-random-match": ("vgg19-random", {"colour": "match"}),
-    "vgg-random-luminance-1e8": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8}),
-    "vgg-random-luminance-relu3_2-1e8": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8,
+    "vgg-random-lummatched-1e8": ("vgg19-random", {"colour": "luminance-matched", "style_weight": 1e8}),
+    "vgg-random-lummatched-1e8-set16": ("vgg19-random", {"colour": "luminance-matched", "style_weight": 1e8,
+                                                         "style_set": 16}),
+    "vgg-random-lummatched-relu3_2-1e8": ("vgg19-random", {"colour": "luminance-matched", "style_weight": 1e8,
                                                           "content_layer": "relu3_2"}),
     "vgg-random-match-relu3_2": ("vgg19-random", {"colour": "match", "content_layer": "relu3_2"}),
+    "vgg-random-luminance": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8}),
+    "vgg-random-luminance-1e6": ("vgg19-random", {"colour": "luminance"}),
+    "vgg-random-luminance-80": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8, "steps": 80}),
+    "vgg-random-luminance-3layers": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8,
+                                                      "style_layers": ("relu1_1", "relu2_1", "relu3_1")}),
+    "vgg-random-luminance-set16": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8, "style_set": 16}),
+    "vgg-random-luminance-lbfgs": ("vgg19-random", {"colour": "luminance", "style_weight": 1e8,
+                                                    "optimizer": "lbfgs"}),
     "clip": ("toy-clip", {}),
-    "clip-luminance": ("toy-clip", {"colour": "luminance"}),
+    "clip-lummatched": ("toy-clip", {"colour": "luminance-matched"}),
     "clip-match": ("toy-clip", {"colour": "match"}),
     "vae": ("toy-vae", {}),
-    "vae-luminance": ("toy-vae", {"colour": "luminance"}),
+    "vae-lummatched": ("toy-vae", {"colour": "luminance-matched"}),
 }
 
 
@@ -71,9 +87,10 @@ def build(network: str, seed: int):
     raise ValueError(network)
 
 
-def references() -> dict[str, object]:
-    """Notebook 07's toy references: each style on another person, in the studio."""
-    return {s: render(with_fields(next(portraits(1000 + i, 1)), style=s, scene="studio"), 64)
+def references(k: int = 1) -> dict[str, list]:
+    """Notebook 07's toy references, each style on another person in the studio (``portraits(1000 + i, 1)``),
+    and with ``k > 1`` the next ``k - 1`` people of that draw in the same style: a style set."""
+    return {s: [render(with_fields(p, style=s, scene="studio"), 64) for p in portraits(1000 + i, k)]
             for i, s in enumerate(STYLES) if s != "photo"}
 
 
@@ -99,6 +116,29 @@ def input_portraits(kind: str, n: int, seed: int, out_dir: str):
     return list(images), f"{source.method} samples ({source.name}, 'studio' prompt, {n} seeds)", subject
 
 
+def diagnose(n: int, seed: int, judges) -> None:
+    """See ``--diagnose`` in the module docstring; prints one line per style."""
+    from nbutils.style_transfer import _to_image, gram_distance, luminance, to_tensor, with_luminance
+
+    stack = build("vgg19-random", seed)
+    drawn = list(portraits(seed, n, identity=TOY_SUBJECT))
+    photos = [render(with_fields(p, style="photo", scene="studio"), 64) for p in drawn]
+    grey = lambda images: [im.convert("L").convert("RGB") for im in images]  # noqa: E731
+    for style, (reference,) in references().items():
+        true = [render(with_fields(p, style=style, scene="studio"), 64) for p in drawn]
+        nst, _ = stylise_batch(photos, [reference], stack, steps=40, optimizer="adam", progress=False)
+        lum, _ = stylise_batch(photos, [reference], stack, steps=40, optimizer="adam", colour="luminance-matched",
+                               style_weight=1e8, progress=False)
+        kept = [_to_image(with_luminance(to_tensor(p), luminance(to_tensor(t)))) for p, t in zip(photos, true)]
+        d = lambda images, ref: float(np.mean(gram_distance(stack, images, ref)))  # noqa: E731
+        passed = (judges.predict(kept)["style"] == STYLES.index(style)).float().mean().item()
+        print(f"{style:10s} Gram distance to the reference, RGB: photo {d(photos, reference):.2e}, true style "
+              f"{d(true, reference):.2e}, NST {d(nst, reference):.2e}; grey: photo "
+              f"{d(grey(photos), grey([reference])[0]):.2e}, true style {d(grey(true), grey([reference])[0]):.2e}, "
+              f"matched-luminance NST {d(grey(lum), grey([reference])[0]):.2e}; true style with the photo's "
+              f"chrominance in style {passed:.0%}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -108,6 +148,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", type=Path, default=OUT)
+    parser.add_argument("--diagnose", action="store_true", help="the Gram diagnostic instead of the table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -115,20 +156,22 @@ def main() -> None:
     from nbutils.toy_evaluators import load_toy_evaluators
 
     judges = load_toy_evaluators()
+    if args.diagnose:
+        return diagnose(args.n, args.seed, judges)
     images, where, subject = input_portraits(args.portraits, args.n, args.seed, args.out_dir)
     identity_in = identity_similarity(images, subject.references, judges.identity)["identity"]
     print(f"portraits: {where}; their identity {identity_in:.3f}; "
           f"style classifier on them: {[STYLES[i] for i in judges.predict(images)['style'].tolist()]}")
-    refs = references()
     rows, stacks = [], {}
     for name in args.variants:
         network, options = VARIANTS[name]
         stack = stacks.setdefault(network, build(network, args.seed))
         options = {"steps": args.steps, "optimizer": "adam", "seed": args.seed, "progress": False, **options}
+        refs = references(options.pop("style_set", 1))
         per_style = []
         for style in ART:
             start = time.perf_counter()
-            out, _ = stylise_batch(images, [refs[style]], stack, **options)
+            out, _ = stylise_batch(images, [refs[style]], stack, **options)  # one style (set) for all
             seconds = (time.perf_counter() - start) / len(images)
             in_style = (judges.predict(out)["style"] == STYLES.index(style)).float().mean().item()
             identity = identity_similarity(out, subject.references, judges.identity)["identity"]

@@ -303,7 +303,8 @@ def test_bad_choices_are_named(net, content, style):
         stylise(content, style, net, optimizer="sgd")
     with pytest.raises(ValueError, match="init='white': use 'content' or 'noise'"):
         stylise(content, style, net, init="white")
-    with pytest.raises(ValueError, match="colour='grey': use 'style', 'match' or 'luminance'"):
+    with pytest.raises(ValueError, match="colour='grey': use one of 'style', 'match', 'luminance', "
+                                         "'luminance-matched'"):
         stylise(content, style, net, colour="grey")
 
 
@@ -344,6 +345,19 @@ def test_gram_distance_is_the_unweighted_style_loss(net, content, style):
     assert far == pytest.approx(style_loss(feats, grams, {k: 0.2 for k in STYLE_LAYERS}).item(), rel=1e-5)
 
 
+def test_a_style_set_is_the_mean_of_its_gram_matrices(net, content, style):
+    other = render(with_fields(next(portraits(6, 1)), style="pop art"), 32)
+    _, history = stylise(content, [style, other], net, steps=0, style_weight=1.0, style_layers=["relu1_1"],
+                         progress=False)
+    feats = {k: extract(net, _to_tensor(im), ["relu1_1"])["relu1_1"] for k, im in (("c", content), ("a", style),
+                                                                                    ("b", other))}
+    mean = (gram_matrix(feats["a"]) + gram_matrix(feats["b"])) / 2
+    assert history["style"][0] == pytest.approx(F.mse_loss(gram_matrix(feats["c"]), mean).item(), rel=1e-5)
+    twice, _ = stylise(content, [style, style], net, steps=2, optimizer="adam", progress=False)
+    once, _ = stylise(content, style, net, steps=2, optimizer="adam", progress=False)
+    assert np.array_equal(np.asarray(twice), np.asarray(once))
+
+
 # --- keeping the content's colours (Gatys et al. 2017) ---------------------------------------------------------
 
 
@@ -381,15 +395,16 @@ def test_match_colours_by_hand_and_its_statistics():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_luminance_mode_keeps_the_contents_colours(net, content, style):
-    out, history = stylise(content, style, net, steps=4, optimizer="adam", colour="luminance", progress=False)
+@pytest.mark.parametrize("colour", ["luminance", "luminance-matched"])
+def test_luminance_mode_keeps_the_contents_colours(net, content, style, colour):
+    out, history = stylise(content, style, net, steps=4, optimizer="adam", colour=colour, progress=False)
     before, after = _to_tensor(content), _to_tensor(out)
     delta = after - before  # the same on every channel, up to 8-bit rounding, where nothing was clamped
     inside = ((after > 0) & (after < 1)).all(1, keepdim=True).expand_as(delta)
     spread = (delta.max(1, keepdim=True).values - delta.min(1, keepdim=True).values).expand_as(delta)
     assert spread[inside].max().item() <= 1.5 / 255
     assert delta.abs().max().item() > 0.05 and history["style"][-1] < history["style"][0]
-    unchanged, _ = stylise(content, style, net, steps=3, optimizer="adam", colour="luminance", style_weight=0.0,
+    unchanged, _ = stylise(content, style, net, steps=3, optimizer="adam", colour=colour, style_weight=0.0,
                            progress=False)
     assert np.abs(np.asarray(unchanged, float) - np.asarray(content, float)).max() <= 1
 
