@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nbutils.lora import LoRA, UNET_TARGETS
-from nbutils.runs import atomic_write
+from nbutils.runs import REPO_ROOT, atomic_write, repo_path
 from nbutils.textual_inversion import (WEIGHTS_NAME as TI_WEIGHTS_NAME, add_tokens, check_captions,
                                        encode_with_token_embeddings, load_textual_inversion, single_token_id,
                                        tokenize)
@@ -57,6 +57,8 @@ from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion
 WEIGHTS_NAME = "e4t.safetensors"
 CONFIG_KEY = "e4t_config"
 PLACEHOLDER = "<e4t>"
+TOY_E4T_DIR = REPO_ROOT / "data" / "models" / "toy-encoders" / "e4t"
+"""The toy tier's pretrained encoder and weight offsets (``scripts/train_toy_e4t.py``, ``make toy-encoders``)."""
 
 
 @dataclass
@@ -349,6 +351,30 @@ def load_personalised(pipe: StableDiffusionPipeline, folder: str | Path) -> None
     ``load_lora`` (the weight offsets, via ``pipe.load_lora_weights``)."""
     load_textual_inversion(pipe, folder)
     load_lora(pipe, folder)
+
+
+def pretrained_folder(choice: str | Path, tier: str) -> Path:
+    """Where a notebook's ``E4T_PRETRAINED`` parameter points: ``"auto"`` is ``TOY_E4T_DIR`` on the toy tier, else
+    the given folder; ``FileNotFoundError`` saying what to do when it holds no ``WEIGHTS_NAME``."""
+    if str(choice) == "auto" and tier != "toy":
+        raise FileNotFoundError(
+            f"No pretrained E4T for the {tier} tier ships with this study (E4T's domain pretraining needs a face "
+            "collection and a GPU): set E4T_PRETRAINED to a folder written by scripts/train_toy_e4t.py for this "
+            "model, or use MODEL='toy'.")
+    folder = TOY_E4T_DIR if str(choice) == "auto" else repo_path(choice)
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}: run `make toy-encoders` (or "
+                                "scripts/train_toy_e4t.py --out FOLDER) first.")
+    return folder
+
+
+def read_recipe(folder: str | Path) -> dict:
+    """What the E4T in ``folder`` was pretrained on, from its ``training.json``: ``people``, ``photos`` (per
+    person), ``seed``, ``steps`` and ``minutes`` (the whole pretraining, domain rendering included)."""
+    info = json.loads((Path(folder) / "training.json").read_text())
+    recipe = info["recipe"]
+    return {"people": recipe["people"], "photos": recipe["photos"], "seed": recipe["seed"], "steps": recipe["steps"],
+            "minutes": round(info["seconds"]["whole_pretraining"] / 60, 1)}
 
 
 def default_config(tier: str, quick: bool = False) -> TrainConfig:

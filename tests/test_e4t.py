@@ -162,3 +162,15 @@ def test_pretraining_resumes_exactly(script, tmp_path):
     a, b = load_file(whole / WEIGHTS_NAME), load_file(resumed / WEIGHTS_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the domain was rendered once
+
+
+def test_notebook_entry_points_find_and_describe_the_shipped_e4t(tmp_path):
+    from nbutils import e4t as e4t_module
+
+    assert e4t_module.pretrained_folder("auto", "toy") == e4t_module.TOY_E4T_DIR
+    with pytest.raises(FileNotFoundError, match="No pretrained E4T for the real tier"):
+        e4t_module.pretrained_folder("auto", "real")
+    with pytest.raises(FileNotFoundError, match="make toy-encoders"):
+        e4t_module.pretrained_folder(tmp_path, "toy")
+    recipe = e4t_module.read_recipe(e4t_module.TOY_E4T_DIR)
+    assert recipe["people"] == 800 and recipe["steps"] > 0 and 0 < recipe["minutes"] <= 60
