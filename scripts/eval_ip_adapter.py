@@ -30,8 +30,7 @@ from nbutils import ip_adapter as ipa  # noqa: E402
 from nbutils.metrics import evaluate_images, suite_for_tier  # noqa: E402
 from nbutils.models import load_pipeline, model_tier, resolve_model  # noqa: E402
 from nbutils.recipes import CLASS_PHRASE, write_table  # noqa: E402
-from nbutils.sampling import generate  # noqa: E402
-from nbutils.study import EvalSetup, eval_setup  # noqa: E402
+from nbutils.study import eval_setup, sample_prompts  # noqa: E402
 from nbutils.toyworld import IDENTITY_FIELDS, Identity, Portrait  # noqa: E402
 from nbutils.viz import image_grid, save_figure  # noqa: E402
 
@@ -43,14 +42,6 @@ def subject_photos(folder: Path) -> tuple[list[Image.Image], Identity]:
     """The subject's photos (``*.png``, sorted) as RGB images, and its true identity from ``subject.json``."""
     photos = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
     return photos, Identity(**json.loads((folder / "subject.json").read_text())["identity"])
-
-
-def sample_grid(pipe, setup: EvalSetup, **pipe_kwargs) -> dict[str, list[Image.Image]]:
-    """``{prompt: one image per seed}`` for ``setup.prompts(CLASS_PHRASE)``, as ``nbutils.study.sample_prompts``
-    samples it, with ``pipe_kwargs`` (the image embeddings) passed to the pipeline."""
-    return {prompt: generate(pipe, prompt, setup.seeds, steps=setup.steps, guidance_scale=setup.guidance_scale,
-                             batch_size=setup.batch_size, progress=False, **pipe_kwargs)
-            for prompt in setup.prompts(CLASS_PHRASE)}
 
 
 def trait_rates(images: dict[str, list[Image.Image]], suite, truth: Identity) -> dict[str, float]:
@@ -101,7 +92,7 @@ def main(argv=None) -> int:
 
     rows, grids = [], {}
     t = time.perf_counter()
-    base_images = sample_grid(load_pipeline(ref), setup)
+    base_images = sample_prompts(load_pipeline(ref), setup, CLASS_PHRASE)
     rows.append(row("base model", None, score(base_images), time.perf_counter() - t,
                     trait_rates(base_images, suite, truth)))
     grids["base model"] = [imgs[0] for imgs in base_images.values()]
@@ -117,7 +108,8 @@ def main(argv=None) -> int:
     def run(how: str, scale: float) -> None:
         t = time.perf_counter()
         pipe.set_ip_adapter_scale(scale)
-        images = sample_grid(pipe, setup, ip_adapter_image_embeds=ipa.image_prompt_embeds(aggregated[how]))
+        images = sample_prompts(pipe, setup, CLASS_PHRASE,
+                                ip_adapter_image_embeds=ipa.image_prompt_embeds(aggregated[how]))
         rows.append(row(how, scale, score(images), time.perf_counter() - t, trait_rates(images, suite, truth)))
         grids[f"{how}\nlambda {scale:g}"] = [imgs[0] for imgs in images.values()]
         print(rows[-1], flush=True)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from nbutils.runs import atomic_write_json, create_unique_dir, repo_path, timestamp  # noqa: E402
 
 STATE_FILE = "study.json"
-TRAINING = ("02", "03", "04", "05")
+TRAINING = ("02", "03", "04", "05", "06")
 """The numbers of the notebooks that train a method: run once per seed of ``--seeds``."""
 
 
