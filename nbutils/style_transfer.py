@@ -11,8 +11,8 @@ images at once, a style given by one picture or by a set (their mean Gram matric
 content's colours (Gatys et al. 2017, "Controlling Perceptual Factors in Neural Style Transfer": luminance-only
 transfer or colour-matched style images); ``gram_distance`` measures how far an image's style is from a reference.
 
-On the toy tier no network and colour mode of these reaches the toy styles (``scripts/nst_networks.py``,
-``figures/style_nst_networks.csv``), so the defaults stay the 2016 method's.
+On the toy tier no route of these reaches all four toy styles (``scripts/nst_networks.py``,
+``figures/style_nst_networks.csv``); ``NST_DEFAULTS`` holds the best measured per tier.
 """
 from __future__ import annotations
 
@@ -57,6 +57,24 @@ VGG19_LAYERS = {name: index for index, name in enumerate(_layer_names())}
 Gatys et al. name layers as Caffe does, where ``conv4_2`` holds the rectified response: that is ``relu4_2`` here."""
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 """The paper's style layers (equally weighted); its content layer is ``relu4_2``."""
+
+NST_DEFAULTS = {
+    "real": {"features": "vgg19", "colour": "style", "style_weight": 1e6},
+    "toy": {"features": "vgg19-random", "colour": "luminance", "style_weight": 1e8},
+}
+"""Per model tier (``tiny`` as ``toy``), the NST route notebook 07 starts from: the feature network (its
+``NST_FEATURES`` names), ``stylise_batch``'s ``colour`` and ``style_weight`` (content weight 1, 40 Adam steps).
+Real: Gatys et al. 2016 with ImageNet VGG-19. Toy: the best route measured by ``scripts/nst_networks.py`` (16
+personalised portraits x 4 styles; ``figures/style_nst_networks.csv``): luminance-only transfer with the random
+VGG-19, which keeps identity (the toy identity embedder reads the hair and skin colours that the 2016 method
+repaints) and reaches pixel art and watercolour, but not sketch or pop art."""
+
+
+def nst_defaults(tier: str) -> dict[str, object]:
+    """``NST_DEFAULTS`` of a model tier (``"real"``, ``"toy"`` or ``"tiny"``), a new dict."""
+    if tier not in ("real", "toy", "tiny"):
+        raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
+    return dict(NST_DEFAULTS["real" if tier == "real" else "toy"])
 
 
 @dataclass(frozen=True)

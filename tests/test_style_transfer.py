@@ -30,6 +30,7 @@ from nbutils.style_transfer import (
     clip_vision_stack,
     luminance,
     match_colours,
+    nst_defaults,
     toy_attribute_stack,
     vae_encoder_stack,
     vgg19_features,
@@ -415,6 +416,16 @@ def test_match_mode_paints_with_the_colour_matched_style(net, content, style, mo
     stylise(content, style, net, steps=0, colour="match", style_layers=["conv1_1"], progress=False)
     matched = match_colours(_to_tensor(style.resize(content.size, Image.Resampling.LANCZOS)), _to_tensor(content))
     torch.testing.assert_close(seen[0], extract(net, matched, ["conv1_1"])["conv1_1"], atol=1e-3, rtol=1e-3)
+
+
+def test_nst_defaults_per_tier():
+    assert nst_defaults("toy") == nst_defaults("tiny") == {"features": "vgg19-random", "colour": "luminance",
+                                                           "style_weight": 1e8}
+    assert nst_defaults("real") == {"features": "vgg19", "colour": "style", "style_weight": 1e6}
+    nst_defaults("toy")["colour"] = "style"  # a copy: the table is not changed
+    assert nst_defaults("toy")["colour"] == "luminance" and st.NST_DEFAULTS["toy"]["colour"] in st.COLOURS
+    with pytest.raises(ValueError, match="unknown tier 'sdxl'"):
+        nst_defaults("sdxl")
 
 
 # --- the CLIP image tower as a feature stack -------------------------------------------------------------------
