@@ -43,11 +43,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from nbutils.lora import encode_captions
 from nbutils.metrics import IdentityEmbedder, identity_similarity
 from nbutils.models import TINY_MODEL_DIR
 from nbutils.runs import atomic_write, atomic_write_json
 from nbutils.sampling import generate
+from nbutils.text import encode_captions
 from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss, encode_latents, make_batch
 from nbutils.viz import png_bytes
 

@@ -43,15 +43,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from nbutils.lora import LoRA, UNET_TARGETS
-from nbutils.runs import REPO_ROOT, atomic_write, repo_path
-from nbutils.textual_inversion import (WEIGHTS_NAME as TI_WEIGHTS_NAME, add_tokens, check_captions,
-                                       encode_with_token_embeddings, load_textual_inversion, single_token_id,
-                                       tokenize)
 from nbutils.lora import WEIGHTS_NAME as LORA_WEIGHTS_NAME, load_lora
+from nbutils.runs import REPO_ROOT, atomic_write, repo_path
+from nbutils.text import add_tokens, check_captions, encode_with_token_embeddings, single_token_id, tokenize
+from nbutils.textual_inversion import WEIGHTS_NAME as TI_WEIGHTS_NAME, load_textual_inversion
 from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss, encode_latents
 
 WEIGHTS_NAME = "e4t.safetensors"

@@ -31,7 +31,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from nbutils.textual_inversion import tokenize
+from nbutils.text import encode_captions
 from nbutils.train import Method, TrainConfig, config_for_tier
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -129,23 +129,6 @@ def lora_metadata(models: dict[str, torch.nn.Module]) -> dict[str, str]:
 def lora_parameter_count(model: torch.nn.Module) -> int:
     """Numbers in ``model``'s LoRA adapter, counted from peft's adapter state dict (works on the meta device)."""
     return sum(t.numel() for t in get_peft_model_state_dict(model).values())
-
-
-def encode_captions(pipe: StableDiffusionPipeline, captions: Sequence[str],
-                    cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The text encoder's last hidden state for ``captions``: (B, 77, D), as ``pipe.encode_prompt`` makes it.
-
-    ``cache=None``: encoded now, differentiable (for a text encoder that trains). With a ``cache`` dict (owned by the
-    caller, for a frozen text encoder): each distinct caption is encoded once, without gradients, and reused.
-    """
-    text_encoder = pipe.text_encoder
-    if cache is None:
-        return text_encoder(tokenize(pipe.tokenizer, captions).to(text_encoder.device)).last_hidden_state
-    missing = [c for c in dict.fromkeys(captions) if c not in cache]
-    if missing:
-        with torch.no_grad():
-            cache.update(zip(missing, encode_captions(pipe, missing)))
-    return torch.stack([cache[c] for c in captions])
 
 
 def check_lora_fits(pipe: StableDiffusionPipeline, state: dict[str, torch.Tensor], source: str) -> None:

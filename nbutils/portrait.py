@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image

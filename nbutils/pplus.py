@@ -34,14 +34,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
-from nbutils.textual_inversion import (
-    add_tokens,
-    check_captions,
-    copy_saved,
-    encode_with_token_embeddings,
-    single_token_id,
-    tokenize,
-)
+from nbutils.text import add_tokens, check_captions, copy_saved, encode_with_token_embeddings, single_token_id, tokenize
 from nbutils.train import Method, TrainConfig, config_for_tier
 
 WEIGHTS_NAME = "pplus_embeds.safetensors"

@@ -90,7 +90,8 @@ def build(
     from nbutils.models import load_pipeline
     from nbutils.pplus import PPlus, pplus_prompt_embeds
     from nbutils.svdiff import SVDiff
-    from nbutils.textual_inversion import TextualInversion, with_placeholder
+    from nbutils.text import with_placeholder
+    from nbutils.textual_inversion import TextualInversion
 
     opts = check_options(name, options)
     prior = float(opts.get("prior_loss_weight", 0.0))

@@ -48,7 +48,7 @@ from safetensors import safe_open
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from nbutils.lora import encode_captions
+from nbutils.text import encode_captions
 from nbutils.train import Method, TrainConfig, config_for_tier
 
 WEIGHTS_NAME = "svdiff_shifts.safetensors"

@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO))
 
 from nbutils import domain, toyworld  # noqa: E402
 from nbutils import ip_adapter as ipa  # noqa: E402
-from nbutils.lora import encode_captions  # noqa: E402
 from nbutils.models import load_pipeline  # noqa: E402
 from nbutils.runs import atomic_write, atomic_write_json  # noqa: E402
+from nbutils.text import encode_captions  # noqa: E402
 from nbutils.toyworld import SUBJECTS  # noqa: E402
 from nbutils.train import Batch, diffusion_loss, encode_latents  # noqa: E402
 

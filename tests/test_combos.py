@@ -10,7 +10,7 @@ from nbutils.dreambooth import ensure_class_images, save_pipeline
 from nbutils.models import build_tiny_pipeline, load_pipeline
 from nbutils.runs import new_run
 from nbutils.sampling import generate
-from nbutils.textual_inversion import with_placeholder
+from nbutils.text import with_placeholder
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import TrainConfig, load_checkpoint, make_batch, train
 

@@ -30,7 +30,7 @@ from nbutils.metrics import images_to_tensor
 from nbutils.models import build_tiny_pipeline, load_pipeline
 from nbutils.runs import new_run
 from nbutils.sampling import generate
-from nbutils.textual_inversion import tokenize
+from nbutils.text import tokenize
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import TrainConfig, diffusion_loss, encode_latents, list_checkpoints, make_batch, train
 

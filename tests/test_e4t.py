@@ -15,7 +15,7 @@ from nbutils.e4t import (PLACEHOLDER, WEIGHTS_NAME, E4T, E4TConfig, E4TPersonali
 from nbutils.models import build_tiny_pipeline, ensure_tiny_pipeline
 from nbutils.runs import REPO_ROOT, new_run
 from nbutils.sampling import generate
-from nbutils.textual_inversion import encode_with_token_embeddings, tokenize
+from nbutils.text import encode_with_token_embeddings, tokenize
 from nbutils.toy_evaluators import TOY_CLIP_DIR
 from nbutils.train import Batch, TrainConfig, train
 

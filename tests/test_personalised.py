@@ -16,7 +16,8 @@ from nbutils.pplus import PPlus, pplus_prompt_embeds
 from nbutils.runs import Run, new_run
 from nbutils.sampling import generate
 from nbutils.svdiff import SVDiff
-from nbutils.textual_inversion import TextualInversion, with_placeholder
+from nbutils.text import with_placeholder
+from nbutils.textual_inversion import TextualInversion
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import TrainConfig, train
 

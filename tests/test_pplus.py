@@ -20,7 +20,7 @@ from nbutils.pplus import (
     read_pplus,
 )
 from nbutils.runs import new_run
-from nbutils.textual_inversion import with_placeholder
+from nbutils.text import with_placeholder
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import TrainConfig, list_checkpoints, train
 

@@ -36,7 +36,8 @@ from nbutils.study import (
     train_and_log,
     with_overrides,
 )
-from nbutils.textual_inversion import TextualInversion, with_placeholder
+from nbutils.text import with_placeholder
+from nbutils.textual_inversion import TextualInversion
 from nbutils.toyworld import TOY_SUBJECT, TOY_VAL_SUBJECT, Portrait, portraits, render
 from nbutils.train import TrainConfig
 

@@ -7,12 +7,8 @@ from safetensors.torch import load_file
 
 from nbutils.models import build_tiny_pipeline
 from nbutils.runs import new_run
-from nbutils.textual_inversion import (
-    TextualInversion,
-    default_config,
-    load_textual_inversion,
-    with_placeholder,
-)
+from nbutils.text import with_placeholder
+from nbutils.textual_inversion import TextualInversion, default_config, load_textual_inversion
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import TrainConfig, load_checkpoint, train
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from nbutils.models import build_tiny_pipeline
 from nbutils.runs import new_run
-from nbutils.textual_inversion import tokenize
+from nbutils.text import tokenize
 from nbutils.toyworld import TOY_SUBJECT, portraits, render
 from nbutils.train import (
     Batch,
