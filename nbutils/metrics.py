@@ -401,6 +401,14 @@ def success_per_image(
     return out
 
 
+def trait_read_rates(predicted: Mapping[str, torch.Tensor], truth: toyworld.Identity) -> dict[str, float]:
+    """Per identity trait, the share of images whose attribute-net reading (``predicted``: ``{attribute: (N,)
+    int64}``, an ``AttributeReader``'s output) is ``truth``'s value: which parts of who the subject is the images
+    carry (a success needs all six), ``{field: share in [0, 1]}`` in ``toyworld.IDENTITY_FIELDS`` order."""
+    labels = toyworld.Portrait(truth).labels()
+    return {f: float((predicted[f] == labels[f]).float().mean()) for f in toyworld.IDENTITY_FIELDS}
+
+
 def toy_reference_renders(
     truth: toyworld.Identity, requests: Sequence[Mapping[str, str]], counts: Sequence[int], *, size: int, seed: int
 ) -> list[Image.Image]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbutils.domain import caption  # noqa: E402
 from nbutils.e4t import PLACEHOLDER, E4TPersonalise, default_config, load_personalised  # noqa: E402
-from nbutils.metrics import suite_for_tier  # noqa: E402
+from nbutils.metrics import suite_for_tier, trait_read_rates  # noqa: E402
 from nbutils.models import TOY_MODEL_DIR, load_pipeline  # noqa: E402
 from nbutils.runs import new_run, repo_path  # noqa: E402
 from nbutils.sampling import generate  # noqa: E402
@@ -77,11 +77,9 @@ def load_subject(folder: Path, photo: str) -> tuple[SubjectData, tuple[Image.Ima
 
 
 def trait_rates(images: dict[str, list[Image.Image]], suite, truth: Identity) -> dict[str, float]:
-    """``{"read_<trait>": share of the images whose attribute-net reading of that identity trait is the truth's}``:
-    which of the subject's traits the samples carry (a diagnostic beside identity)."""
-    flat = [im for ims in images.values() for im in ims]
-    predicted, labels = suite.attributes(flat), Portrait(truth).labels()
-    return {f"read_{f}": float((predicted[f] == labels[f]).float().mean()) for f in IDENTITY_FIELDS}
+    """``metrics.trait_read_rates`` of every image of ``images``, keyed as this table's columns (f"read_{f}")."""
+    rates = trait_read_rates(suite.attributes([im for ims in images.values() for im in ims]), truth)
+    return {f"read_{f}": v for f, v in rates.items()}
 
 
 def row(name: str, subject: Path, scores: dict, **extra) -> dict:

@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nbutils import ip_adapter as ipa  # noqa: E402
-from nbutils.metrics import evaluate_images, suite_for_tier  # noqa: E402
+from nbutils.metrics import evaluate_images, suite_for_tier, trait_read_rates  # noqa: E402
 from nbutils.models import load_pipeline, model_tier, resolve_model  # noqa: E402
 from nbutils.recipes import CLASS_PHRASE, write_table  # noqa: E402
 from nbutils.study import eval_setup, sample_prompts  # noqa: E402
-from nbutils.toyworld import IDENTITY_FIELDS, Identity, Portrait  # noqa: E402
+from nbutils.toyworld import Identity  # noqa: E402
 from nbutils.viz import image_grid, save_figure  # noqa: E402
 
 SUBJECT = REPO / "data" / "subjects" / "toy"
@@ -45,11 +45,9 @@ def subject_photos(folder: Path) -> tuple[list[Image.Image], Identity]:
 
 
 def trait_rates(images: dict[str, list[Image.Image]], suite, truth: Identity) -> dict[str, float]:
-    """Per identity trait, the share of all images in which the attribute net reads the subject's value: which
-    parts of who they are the image prompt carries (the success rate needs all six, and the scene and style)."""
-    flat = [im for imgs in images.values() for im in imgs]
-    read, want = suite.attributes(flat), Portrait(truth).labels()
-    return {f"trait[{k}]": (read[k] == want[k]).float().mean().item() for k in IDENTITY_FIELDS}
+    """``metrics.trait_read_rates`` of every image of ``images``, keyed as this table's columns (f"trait[{f}]")."""
+    rates = trait_read_rates(suite.attributes([im for ims in images.values() for im in ims]), truth)
+    return {f"trait[{f}]": v for f, v in rates.items()}
 
 
 def row(variant: str, scale: float | None, scores: dict, seconds: float, traits: dict) -> dict:

@@ -530,3 +530,16 @@ def test_psnr_is_ten_log10_of_one_over_the_mse():
     assert metrics.psnr_db([grey], [black]) == pytest.approx(10 * np.log10(1 / 0.04))
     with pytest.raises(ValueError, match="pairs"):
         metrics.psnr_db([grey], [])
+
+
+def test_trait_read_rates_count_each_trait_read_as_the_truth():
+    from nbutils.metrics import trait_read_rates
+    from nbutils.toyworld import IDENTITY_FIELDS, TOY_SUBJECT, Portrait
+
+    labels = Portrait(TOY_SUBJECT).labels()
+    predicted = {f: torch.tensor([labels[f]] * 4) for f in IDENTITY_FIELDS}
+    predicted["face"] = torch.tensor([labels["face"], labels["face"] + 1, labels["face"] + 1, labels["face"] + 1])
+    predicted["mark"] = torch.tensor([1 - labels["mark"]] * 4)
+    rates = trait_read_rates(predicted, TOY_SUBJECT)
+    assert list(rates) == list(IDENTITY_FIELDS)
+    assert rates["face"] == 0.25 and rates["mark"] == 0.0 and rates["skin"] == rates["hair_colour"] == 1.0
