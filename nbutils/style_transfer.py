@@ -140,15 +140,17 @@ class _ClipTokens(nn.Module):
         return self.norm(torch.cat([cls, x], dim=1) + self.position_embedding.weight[None])
 
 
-class _ClipLayer(nn.Module):
-    """One ``CLIPEncoderLayer``, no attention mask: ``(B, 1 + N, C)`` -> ``(B, 1 + N, C)``."""
+class _WithoutSecondInput(nn.Module):
+    """``module(x, None)`` as a one-input module, for ``nn.Sequential``: a ``CLIPEncoderLayer`` without attention mask
+    (``(B, 1 + N, C)`` -> same), a diffusers ``ResnetBlock2D`` without timestep embedding (``(B, C, H, W)`` ->
+    ``(B, C', H, W)``)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.layer = layer
+        self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x, None)
+        return self.module(x, None)
 
 
 def clip_vision_stack(vision_model: nn.Module, name: str = "toy CLIP image tower") -> FeatureStack:
@@ -163,7 +165,7 @@ def clip_vision_stack(vision_model: nn.Module, name: str = "toy CLIP image tower
     emb = vision_model.embeddings
     modules = [_ClipPatches(emb.patch_embedding),
                _ClipTokens(emb.class_embedding, emb.position_embedding, vision_model.pre_layrnorm),
-               *(_ClipLayer(layer) for layer in vision_model.encoder.layers)]
+               *(_WithoutSecondInput(layer) for layer in vision_model.encoder.layers)]
     names = ["patches", "tokens", *(f"layer{i}" for i in range(1, len(modules) - 1))]
     grid = emb.image_size // emb.patch_size
 
@@ -173,17 +175,6 @@ def clip_vision_stack(vision_model: nn.Module, name: str = "toy CLIP image tower
     net = nn.Sequential(*modules).requires_grad_(False).eval()
     return FeatureStack(net, {n: i for i, n in enumerate(names)}, CLIP_MEAN, CLIP_STD, "layer2",
                         ("patches", "layer1"), name, patch_map)
-
-
-class _NoTimestep(nn.Module):
-    """A diffusers ``ResnetBlock2D`` called without a timestep embedding: ``(B, C, H, W)`` -> ``(B, C', H, W)``."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x, None)
 
 
 def vae_encoder_stack(vae: nn.Module, name: str = "toy VAE encoder") -> FeatureStack:
@@ -198,7 +189,7 @@ def vae_encoder_stack(vae: nn.Module, name: str = "toy VAE encoder") -> FeatureS
     encoder = vae.encoder
     modules, layers = [encoder.conv_in], {"conv_in": 0}
     for b, block in enumerate(encoder.down_blocks, start=1):
-        modules += [_NoTimestep(r) for r in block.resnets]
+        modules += [_WithoutSecondInput(r) for r in block.resnets]
         layers[f"res{b}"] = len(modules) - 1  # the last ResNet block's output
         for down in block.downsamplers or ():
             modules.append(down)
