@@ -35,7 +35,8 @@ $(VENV)/.ready:
 
 study: venv
 	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY)) $(if $(filter 1,$(FRESH)),--fresh)
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY)) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(filter 1,$(FRESH)),--fresh)
 
 # `make portrait PHOTOS=data/me SCENE="on the beach" STYLE=watercolor METHOD=auto ROUTE=prompt`: notebook 09 in one
 # papermill call, into its own run folder under runs/ (defaults: the tier's demo subject; see the README).

@@ -17,10 +17,17 @@ starts a new study folder whatever the last one holds.
 ``--seeds 0,1,2`` (``make study SEEDS=0,1,2``) runs every training notebook (02-05) once per seed, the first
 seed's executed copy as ``<name>.ipynb``, the others' as ``<name>.seed<s>.ipynb``; the other notebooks run once with
 the first seed, and a notebook whose parameters define ``SEEDS`` (08, the evaluation) gets the list, to pool them.
+
+``--gpus 0,1`` (``make study GPUS=0,1``) runs the training notebooks concurrently, one per GPU (each kernel sees only
+its own through ``CUDA_VISIBLE_DEVICES``), in the order they need: the notebooks before them (the dataset) first, one
+at a time; a training notebook once the notebooks it reads (``NEEDS``, same seed) have finished; the rest (style
+transfer, evaluation, portrait) after every training notebook, one at a time. The results equal a sequential run's:
+every notebook is seeded and reads only what its ``NEEDS`` wrote.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
@@ -45,6 +52,9 @@ from nbutils.runs import atomic_write_json, create_unique_dir, repo_path, timest
 STATE_FILE = "study.json"
 TRAINING = ("02", "03", "04", "05", "06")
 """The numbers of the notebooks that train a method: run once per seed of ``--seeds``."""
+NEEDS = {"03": ("02",), "05": ("02", "04"), "06": ("02", "05")}
+"""Training notebook -> the training notebooks whose runs (of the same seed) it reads: P+ compares with TI's run,
+DreamBooth with TI's and LoRA's, the encoders with TI's and DreamBooth's."""
 
 
 class CurrentInterpreterKernelManager(AsyncKernelManager):
@@ -64,13 +74,24 @@ class CurrentInterpreterKernelManager(AsyncKernelManager):
             return os.path.join(tempfile.gettempdir(), f"portrait-studio-{uuid.uuid4().hex[:12]}-ipc")
         return super()._ip_default()
 
+    visible_devices: str | None = None
+    """``CUDA_VISIBLE_DEVICES`` for the kernel (``None``: inherited)."""
+
     @property
     def kernel_spec(self) -> KernelSpec:
         return KernelSpec(
             argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             display_name="portrait-studio",
             language="python",
+            env={} if self.visible_devices is None else {"CUDA_VISIBLE_DEVICES": self.visible_devices},
         )
+
+
+def kernel_manager_for(gpu: str | None) -> type[CurrentInterpreterKernelManager]:
+    """The kernel manager class whose kernels see only GPU ``gpu`` (``None``: every device, as the environment)."""
+    if gpu is None:
+        return CurrentInterpreterKernelManager
+    return type(f"KernelManagerGPU{gpu}", (CurrentInterpreterKernelManager,), {"visible_devices": gpu})
 
 
 def find_notebooks(folder: Path, only: str | None = None) -> list[Path]:
@@ -96,9 +117,10 @@ def describe_failure(notebook: Path, err: PapermillExecutionError) -> str:
     return f"cell {number} (In [{err.exec_count}]: {first_line})"
 
 
-def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=None) -> None:
+def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=None, gpu: str | None = None) -> None:
     """Execute ``notebook`` into ``output`` with ``parameters``, in the notebook's folder, with this Python.
-    ``stdout_file``: a writable object that receives the cells' printed output as it comes (``None``: none)."""
+    ``stdout_file``: a writable object that receives the cells' printed output as it comes (``None``: none);
+    ``gpu``: the only CUDA device the kernel sees (``None``: those of the environment)."""
     papermill.execute_notebook(
         notebook,
         output,
@@ -107,7 +129,7 @@ def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=
         language="python",
         progress_bar=False,
         cwd=notebook.parent,
-        kernel_manager_class=CurrentInterpreterKernelManager,
+        kernel_manager_class=kernel_manager_for(gpu),
         stdout_file=stdout_file,
     )
 
@@ -208,9 +230,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
     p.add_argument("--out", default="runs", help="parent folder of the study folder (relative: from the repo root)")
     p.add_argument("--notebooks", default="notebooks", help="folder holding the numbered notebooks")
+    p.add_argument("--gpus", type=lambda v: [g.strip() for g in v.split(",") if g.strip()], default=None,
+                   help="comma-separated CUDA device numbers, e.g. 0,1: the training notebooks run concurrently, one "
+                        "per GPU, in the order they need (see NEEDS)")
     p.add_argument("--fresh", action="store_true",
                    help="start a new study folder even if the newest one, with the same options, was interrupted")
     return p.parse_args(argv)
+
+
+def run_job(notebook: Path, output: Path, parameters: dict, gpu: str | None = None) -> str | None:
+    """Execute one job of the study; ``None`` if it ran to the end, else the lines that say where it failed."""
+    try:
+        run_notebook(notebook, output, parameters, gpu=gpu)
+    except PapermillExecutionError as err:
+        return (f"FAILED in {describe_failure(notebook, err)}: {err.ename}: {err.evalue}\n"
+                f"Notebook {notebook.name} failed; the executed notebook with the traceback is {output}")
+    except (DeadKernelError, CellTimeoutError) as err:
+        return f"FAILED: {type(err).__name__}: {err}\nNotebook {notebook.name} failed; what ran is in {output}"
+    return None
+
+
+def job_label(notebook: Path, extra: dict, seeds: bool) -> str:
+    """``'02_textual_inversion (seed 1)'`` in a study of several seeds, the notebook's name otherwise."""
+    return notebook.stem + (f" (seed {extra['SEED']})" if seeds else "")
+
+
+def job_needs(jobs: list[tuple[Path, str, dict]]) -> dict[str, set[str]]:
+    """Executed copy's name -> the names of the jobs it must wait for under ``--gpus``: a training notebook waits
+    for the notebooks before the training ones and for its ``NEEDS`` of the same seed; any later notebook for every
+    job before it."""
+    needs: dict[str, set[str]] = {}
+    for k, (notebook, name, extra) in enumerate(jobs):
+        number = notebook.name[:2]
+        earlier = jobs[:k]
+        if number in TRAINING:
+            needs[name] = {n for nb, n, e in earlier if nb.name[:2] not in TRAINING or
+                           (nb.name[:2] in NEEDS.get(number, ()) and e.get("SEED") == extra.get("SEED"))}
+        else:
+            needs[name] = {n for _, n, _ in earlier}
+    return needs
+
+
+def run_jobs(jobs: list[tuple[Path, str, dict]], state: dict, study: Path, parameters: dict, gpus: list[str],
+             seeds: bool) -> int:
+    """Run the jobs not yet done, at most one per GPU of ``gpus`` at a time, each once its ``job_needs`` are done;
+    record each finished one in ``study.json``. Returns the exit code (0, 1: a notebook failed, 130: interrupted)."""
+    needs = job_needs(jobs)
+    total, free, failed = len(jobs), list(gpus), False
+    waiting = [(i, job) for i, job in enumerate(jobs, 1) if job[1] not in state["done"]]
+    for i, (notebook, name, extra) in enumerate(jobs, 1):
+        if name in state["done"]:
+            print(f"[{i}/{total}] {job_label(notebook, extra, seeds)} ... done before, skipped", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        running: dict[concurrent.futures.Future, tuple[int, tuple, str, float]] = {}
+        try:
+            while waiting or running:
+                ready = [(i, job) for i, job in waiting if needs[job[1]] <= set(state["done"])]
+                while ready and free and not failed:
+                    (i, (notebook, name, extra)), gpu = ready.pop(0), free.pop(0)
+                    waiting.remove((i, (notebook, name, extra)))
+                    output = study / name
+                    kept = keep_interrupted_copy(output)
+                    what = job_label(notebook, extra, seeds)
+                    print(f"[{i}/{total}] {what} ... started on GPU {gpu}" +
+                          (f" (again; the interrupted copy is {kept.name})" if kept else ""), flush=True)
+                    future = pool.submit(run_job, notebook, output, {**parameters, **extra}, gpu)
+                    running[future] = (i, (notebook, name, extra), gpu, time.perf_counter())
+                if not running:
+                    break  # a failure stopped new starts, or what is left waits on a failed job
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    i, (notebook, name, extra), gpu, started = running.pop(future)
+                    free.append(gpu)
+                    what = job_label(notebook, extra, seeds)
+                    failure = future.result()
+                    if failure:
+                        failed = True
+                        print(f"[{i}/{total}] {what} ... {failure}", flush=True)
+                        continue
+                    seconds = time.perf_counter() - started
+                    state["done"][name] = round(seconds, 1)
+                    atomic_write_json(study / STATE_FILE, state)
+                    print(f"[{i}/{total}] {what} ... ok in {seconds:.1f} s (GPU {gpu})", flush=True)
+        except KeyboardInterrupt:
+            print("INTERRUPTED")
+            print(f"Stopped; run the same command again to resume the study in {study} (FRESH=1 / --fresh starts a "
+                  "new one)")
+            return 130
+    if failed or waiting:
+        return 1
+    print(f"All {total} notebooks ran; results in {study}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         parameters["SEED"] = args.seed
     print(f"Study folder: {study}", flush=True)
     jobs = study_jobs(notebooks, args.seeds)
+    if args.gpus:
+        return run_jobs(jobs, state, study, parameters, args.gpus, bool(args.seeds))
     for i, (notebook, name, extra) in enumerate(jobs, 1):
         output = study / name
-        what = notebook.stem + (f" (seed {extra['SEED']})" if args.seeds else "")
+        what = job_label(notebook, extra, bool(args.seeds))
         if name in state["done"]:
             print(f"[{i}/{len(jobs)}] {what} ... done before, skipped", flush=True)
             continue
@@ -249,19 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(again; the interrupted copy is {kept.name})", end=" ", flush=True)
         start = time.perf_counter()
         try:
-            run_notebook(notebook, output, {**parameters, **extra})
+            failure = run_job(notebook, output, {**parameters, **extra})
         except KeyboardInterrupt:
             print("INTERRUPTED")
             print(f"Stopped in {notebook.name}; run the same command again to resume the study in {study} "
                   "(FRESH=1 / --fresh starts a new one)")
             return 130
-        except PapermillExecutionError as err:
-            print(f"FAILED in {describe_failure(notebook, err)}: {err.ename}: {err.evalue}")
-            print(f"Notebook {notebook.name} failed; the executed notebook with the traceback is {output}")
-            return 1
-        except (DeadKernelError, CellTimeoutError) as err:
-            print(f"FAILED: {type(err).__name__}: {err}")
-            print(f"Notebook {notebook.name} failed; what ran is in {output}")
+        if failure:
+            print(failure)
             return 1
         seconds = time.perf_counter() - start
         state["done"][name] = round(seconds, 1)

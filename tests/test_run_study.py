@@ -84,7 +84,7 @@ def test_study_runs_in_order_injects_parameters_and_stops_at_the_failing_cell(no
 
 def test_only_selects_notebooks_and_model_and_seed_are_injected_only_when_given(notebooks, tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params: calls.append((nb.name, output, params)))
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params, **_: calls.append((nb.name, output, params)))
     out = tmp_path / "runs"
     assert run_study.main(["--notebooks", str(notebooks), "--out", str(out), "--only", "2"]) == 0
     [study] = list(out.iterdir())
@@ -101,7 +101,7 @@ def test_only_selects_notebooks_and_model_and_seed_are_injected_only_when_given(
 def test_a_rerun_reuses_the_unfinished_study_of_the_same_options_and_fresh_or_other_options_do_not(
         notebooks, tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params: calls.append((nb.name, params)))
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params, **_: calls.append((nb.name, params)))
     out = tmp_path / "runs"
     base = ["--notebooks", str(notebooks), "--out", str(out), "--quick", "1"]
     assert run_study.main(base) == 0
@@ -136,7 +136,7 @@ def test_seeds_run_each_training_notebook_once_per_seed_and_hand_the_list_to_the
                                          metadata={"tags": ["parameters"]})
         nbformat.write(nbformat.v4.new_notebook(cells=[cell]), folder / f"{name}.ipynb")
     calls = []
-    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params: calls.append(
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params, **_: calls.append(
         (output.name, {k: v for k, v in params.items() if k in ("SEED", "SEEDS")})))
     out = tmp_path / "runs"
     assert run_study.main(["--notebooks", str(folder), "--out", str(out), "--seeds", "3,1"]) == 0
@@ -151,6 +151,64 @@ def test_seeds_run_each_training_notebook_once_per_seed_and_hand_the_list_to_the
     made = subprocess.run(["make", "-n", "study", "SEEDS=0,1,2"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60)
     assert "--seeds 0,1,2" in made.stdout, made.stdout + made.stderr
+
+
+GPU_REPORT = """\
+import json, os, time
+from pathlib import Path
+start = time.time()
+time.sleep(1.5)
+Path(OUT_DIR, NAME + ".json").write_text(json.dumps(
+    {"start": start, "end": time.time(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+"""
+
+
+def test_gpus_run_training_notebooks_concurrently_one_per_gpu_in_the_order_they_need(tmp_path, capsys):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in ("01_data", "02_train", "03_train", "04_train", "08_eval"):
+        cell = nbformat.v4.new_code_cell(f'SEED = 0\nOUT_DIR = "runs"\nNAME = "{name}"',
+                                         metadata={"tags": ["parameters"]})
+        nbformat.write(nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_code_cell(GPU_REPORT)]),
+                       folder / f"{name}.ipynb")
+    out = tmp_path / "runs"
+    assert run_study.main(["--notebooks", str(folder), "--out", str(out), "--gpus", "0,1"]) == 0
+    [study] = list(out.iterdir())
+    seen = {p.stem: json.loads(p.read_text()) for p in study.glob("*.json") if p.name != "study.json"}
+    training = ("02_train", "03_train", "04_train")
+    assert all(seen["01_data"]["end"] <= seen[n]["start"] for n in training)  # the dataset first
+    assert seen["02_train"]["end"] <= seen["03_train"]["start"]  # P+ (03) reads TI's (02) run: NEEDS
+    assert seen["04_train"]["start"] < seen["02_train"]["end"] and seen["02_train"]["start"] < seen["04_train"]["end"]
+    assert {seen["02_train"]["gpu"], seen["04_train"]["gpu"]} == {"0", "1"}  # one notebook per GPU at a time
+    assert all(seen[n]["end"] <= seen["08_eval"]["start"] for n in training)  # the evaluation last
+    assert len(json.loads((study / "study.json").read_text())["done"]) == 5
+    assert "started on GPU" in capsys.readouterr().out
+    made = subprocess.run(["make", "-n", "study", "GPUS=0,1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert "--gpus 0,1" in made.stdout, made.stdout + made.stderr
+
+
+def test_gpus_a_failing_notebook_stops_what_needs_it_and_the_study_reports_it(tmp_path, capsys):
+    for name in ("01_data", "02_train", "03_train", "04_train", "08_eval"):
+        write_notebook(tmp_path / f"{name}.ipynb", f'open(OUT_DIR + "/{name}.txt", "w").close()' +
+                       ("\nraise ValueError('boom')" if name == "02_train" else ""))
+    out = tmp_path / "runs"
+    assert run_study.main(["--notebooks", str(tmp_path), "--out", str(out), "--gpus", "0,1"]) == 1
+    [study] = list(out.iterdir())
+    assert sorted(p.stem for p in study.glob("*.txt")) == ["01_data", "02_train", "04_train"]
+    assert "02_train ... FAILED in cell 2" in capsys.readouterr().out
+    assert sorted(json.loads((study / "study.json").read_text())["done"]) == ["01_data.ipynb", "04_train.ipynb"]
+
+
+def test_job_needs_waits_for_the_same_seed_only(tmp_path):
+    for name in ("01_data", "02_ti", "03_pplus", "08_eval"):
+        write_notebook(tmp_path / f"{name}.ipynb", "x = 1")
+    jobs = run_study.study_jobs(run_study.find_notebooks(tmp_path), [0, 1])
+    needs = run_study.job_needs(jobs)
+    assert needs["03_pplus.ipynb"] == {"01_data.ipynb", "02_ti.ipynb"}
+    assert needs["03_pplus.seed1.ipynb"] == {"01_data.ipynb", "02_ti.seed1.ipynb"}
+    assert needs["02_ti.seed1.ipynb"] == {"01_data.ipynb"}
+    assert needs["08_eval.ipynb"] == {name for _, name, _ in jobs[:-1]}
 
 
 def test_make_study_passes_fresh_through():
