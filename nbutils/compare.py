@@ -33,8 +33,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from nbutils.runs import Run, atomic_write, list_runs, read_png_metadata, repo_path
-from nbutils.study import score_table, series_points
-from nbutils.viz import new_figure, image_grid, plot_curve
+from nbutils.viz import image_grid, new_figure, plot_curve, score_table, series_points
 
 METHODS: dict[str, tuple[str, str]] = {
     "textual_inversion": ("Textual Inversion", "02"),

@@ -13,16 +13,23 @@ reaches the UNet) and calls this module for the rest:
   code, continued (``RESUME="auto"``), or a new one;
 - ``log_resources``: training time (evaluation excluded), peak memory and artifact size into the run;
   ``train_and_log``: one training with its evaluator, its costs logged;
-- ``reference_run``, ``reference_runs``, ``series_points``, ``loss_figure``, ``scores_figure``,
-  ``first_step_reaching``, ``score_table``: reading, plotting and comparing results.
+- ``same_pixels``, ``cost_summary``, ``log_final_scores``: the checks and reports every method notebook ends
+  with (the saved file draws the trained pipeline's pixels in a fresh one; what training cost; the final scores
+  against the base model), written out by hand in notebook 02 and called from here by the others;
+- ``notebook_parameters``: a notebook's parameters, read from its tagged ``parameters`` cell, for its run's config;
+- ``reference_run``, ``reference_runs``, ``first_step_reaching``: finding and comparing another notebook's results
+  (their curves and tables are ``nbutils.viz``'s).
 """
 from __future__ import annotations
 
+import ast
 import json
 import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,18 +43,16 @@ from nbutils.models import model_tier, tier_defaults
 from nbutils.photos import is_drawn_subject, subject_folder
 from nbutils.prompts import PROMPT_SETS
 from nbutils.resources import Usage, dir_size_bytes, track
-from nbutils.runs import (Run, code_version, find_resumable_run, latest_run, list_runs, load_run, new_run,
-                          read_png_metadata, repo_path)
+from nbutils.runs import (REPO_ROOT, Run, code_version, find_resumable_run, latest_run, list_runs, load_run,
+                          new_run, read_png_metadata, repo_path)
 from nbutils.sampling import generate
 from nbutils.toyworld import SUBJECTS, Identity
 from nbutils.train import Method, TrainConfig, TrainResult, list_checkpoints, resume_problem, train
-from nbutils.viz import image_grid, plot_curve
+from nbutils.viz import SCORE_KEYS, image_grid
 
 RUN_01_FIRST = "run notebooks/01_dataset.ipynb first (or make study)"
 EVAL_PROMPTS = ("studio", "beach", "pop_art")
 """The ``PROMPT_SETS`` names every checkpoint is scored on: the plain portrait, a new scene, a new style."""
-SCORE_KEYS = ("identity", "clip_t", "clip_i", "detection_rate")
-"""The scores of a results table: toy or dlib identity, CLIP-T and CLIP-I cosines, share of images with a face."""
 
 Embed = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
 """prompts -> ``(prompt_embeds, negative_prompt_embeds)``, each (B, S, D): conditioning a method builds itself."""
@@ -135,6 +140,30 @@ def load_subject_dataset(
 def with_overrides(cfg: TrainConfig, **values) -> TrainConfig:
     """``cfg`` with every value that is not ``None`` replaced (a notebook's ``STEPS=None`` keeps the default)."""
     return replace(cfg, **{k: v for k, v in values.items() if v is not None})
+
+
+RUN_ONLY = ("OUT_DIR", "DRIVE", "RESUME")
+"""Parameters that say where and how a notebook runs, not what it computes: left out of a run's config, so that a
+run resumes and compares whatever folder it is read from."""
+
+
+def notebook_parameters(notebook: str, namespace: Mapping[str, Any], *, leave_out: Collection[str] = RUN_ONLY,
+                        **extra) -> dict:
+    """A run's config in one call: the values in ``namespace`` (the notebook's ``globals()``) of every name that
+    the tagged ``parameters`` cell of ``notebooks/<notebook>.ipynb`` assigns, in the cell's order, as they are
+    now (after papermill's injected values and the setup cell's resolving, e.g. ``QUICK = resolve_quick(QUICK)``),
+    without ``leave_out``, then ``extra`` (values the setup computed: ``model_ref``, ``train``, ``eval``, ...).
+    ``ValueError`` if the notebook has no tagged ``parameters`` cell."""
+    path = REPO_ROOT / "notebooks" / f"{notebook}.ipynb"
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    cell = next((c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        raise ValueError(f"{path} has no cell tagged 'parameters' (papermill's parameters cell).")
+    source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+    targets = [t for node in ast.parse(source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    names = dict.fromkeys(t.id for t in targets if isinstance(t, ast.Name) and t.id not in leave_out)
+    return {**{name: namespace[name] for name in names}, **extra}
 
 
 def resume_or_new_run(
@@ -387,84 +416,118 @@ def train_and_log(
     return result, costs
 
 
+# --------------------------------------------------------------------------------------------------- checks and reports
+def same_pixels(
+    pipes: Mapping[str, StableDiffusionPipeline], setup: EvalSetup, subject_phrase: str, seed: int, run: Run, *,
+    embeds: Mapping[str, Embed] | None = None, context: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[Image.Image, Figure]:
+    """The check every method notebook ends with: its saved file draws exactly the trained pipeline's image in a
+    fresh copy of the base model.
+
+    ``pipes``: ``{column label: pipeline}``, the trained pipeline first, then the fresh one(s) with the saved file
+    loaded. Each draws the last evaluation prompt (``setup.prompts(subject_phrase)[-1]``) from ``seed`` with the
+    grid's sampler; ``embeds``: ``{label: the method's own conditioning}`` for a method that builds it (P+),
+    inside ``context()`` (e.g. ``parametrize.cached``). ``AssertionError`` unless every image has the same pixels;
+    the last is saved into ``run`` as ``images/fresh-pipeline.png``. Returns that image and the images side by side.
+    """
+    prompt = setup.prompts(subject_phrase)[-1]
+    sampler = dict(steps=setup.steps, guidance_scale=setup.guidance_scale, progress=False)
+    images = {}
+    with context():
+        for name, pipe in pipes.items():
+            embed = (embeds or {}).get(name)
+            if embed is None:
+                images[name] = generate(pipe, prompt, [seed], **sampler)[0]
+            else:
+                positive, negative = embed([prompt])
+                images[name] = generate(pipe, None, [seed], prompt_embeds=positive,
+                                        negative_prompt_embeds=negative, **sampler)[0]
+    first, *others = (np.asarray(image) for image in images.values())
+    differ = [name for name, other in zip(list(images)[1:], others) if not np.array_equal(first, other)]
+    assert not differ, f"{', '.join(differ)} drew another image than {next(iter(images))}"
+    image = list(images.values())[-1]
+    run.save_image(image, "fresh-pipeline", prompt=prompt, seed=seed)
+    return image, image_grid(list(images.values()), col_labels=list(images), cell=2.2,
+                             title=f"'{prompt}' (seed {seed}): identical pixels")
+
+
+def cost_summary(costs: dict, evaluator: CheckpointEvaluator | None = None, artifact: str | Path | None = None,
+                 ) -> str:
+    """What a training cost, in one or two lines: ``costs`` as ``log_resources`` logged them (``steps``,
+    ``train_s``, ``eval_s``, ``artifact_bytes``), the evaluator's checkpoints and the ``artifact`` file."""
+    steps, seconds = costs["steps"], costs["train_s"]
+    text = f"{steps} steps in {seconds:.{1 if seconds < 10 else 0}f} s ({seconds / max(steps, 1):.2f} s/step)"
+    if evaluator is not None:
+        text += f" + {costs['eval_s']:.0f} s of evaluation at steps {sorted(evaluator.scores)[1:]}"
+    if artifact is not None:
+        text += f"\nlearned file: {artifact} ({costs['artifact_bytes']:,} bytes)"
+    return text
+
+
+def log_final_scores(run: Run, baseline: dict, final: dict, what: str, seeds: int) -> bool:
+    """Log the final checkpoint against the base model into ``run`` (``baseline`` and ``final``: their
+    ``SCORE_KEYS``; ``identity_gain``; ``beats_baseline``), print one line on it (``what``: the method's name,
+    ``seeds``: images per prompt) and return whether its identity beats the base model's."""
+    beats = final["identity"] > baseline["identity"]
+    run.log_metrics(baseline={k: baseline[k] for k in SCORE_KEYS}, final={k: final[k] for k in SCORE_KEYS},
+                    identity_gain=final["identity"] - baseline["identity"], beats_baseline=beats)
+    print(f"identity {baseline['identity']:.3f} -> {final['identity']:.3f}: {what} "
+          f"{'beats' if beats else 'does NOT beat'} the base model ({seeds} seeds per prompt)")
+    return beats
+
+
 # --------------------------------------------------------------------------------------------------- comparing
-def reference_run(notebook: str, out_dir: str | Path, setup: EvalSetup, *, method: str | None = None) -> Run:
-    """The latest run of ``notebook`` (of ``method``, for a notebook that trains several) in ``out_dir``, checked
-    to be scored on the same ``setup`` (its config's ``params["eval"]``), so that its curves compare with this
-    notebook's."""
+def _training_seed(run: Run) -> int | None:
+    """The seed ``run`` trained with: its training config's ``seed``, else its ``SEED`` parameter."""
+    params = run.config["params"]
+    return (params.get("train") or {}).get("seed", params.get("SEED"))
+
+
+def reference_run(notebook: str, out_dir: str | Path, setup: EvalSetup, *, seed: int,
+                  method: str | None = None) -> Run:
+    """The latest finished run of ``notebook`` (of ``method``, for a notebook that trains several) in ``out_dir``
+    that was scored on the same ``setup`` (its config's ``params["eval"]``) and trained with the same ``seed``, so
+    that its curves compare with this notebook's: a newer run of another seed or grid (a parallel seed run, a
+    QUICK run) is passed over. ``FileNotFoundError`` without any run of ``notebook``; ``ValueError``, naming what
+    differs in the newest, when none fits."""
     runs = list_runs(out_dir, notebook=notebook, method=method)
+    which = f" with method {method!r}" if method else ""
     if not runs:
-        which = f" with method {method!r}" if method else ""
         raise FileNotFoundError(f"No run of notebooks/{notebook}.ipynb{which} in {repo_path(out_dir)}: run it first "
                                 "with the same OUT_DIR (or make study).")
-    run = runs[-1]
-    theirs, ours = run.config["params"].get("eval", {}), setup.as_dict()
-    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
-    if differ:
-        raise ValueError(f"{run.path} was evaluated differently ({', '.join(differ)} differ): run "
-                         f"notebooks/{notebook}.ipynb again with this notebook's MODEL, SEED, QUICK and N_SAMPLES.")
-    return run
+    ours = setup.as_dict()
+
+    def differ(run: Run) -> list[str]:
+        theirs = run.config["params"].get("eval", {})
+        return sorted(k for k in ours if theirs.get(k) != ours[k]) + (["seed"] if _training_seed(run) != seed else [])
+
+    fitting = [r for r in runs if not differ(r)]
+    finished = [r for r in fitting if r.finished]
+    if finished:
+        return finished[-1]
+    if fitting:
+        raise ValueError(f"{fitting[-1].path} did not finish (the notebook did not reach its end): run "
+                         f"notebooks/{notebook}.ipynb again with this notebook's MODEL, SEED and QUICK.")
+    raise ValueError(f"No run of notebooks/{notebook}.ipynb{which} fits: the newest, {runs[-1].path}, was trained or "
+                     f"evaluated differently ({', '.join(differ(runs[-1]))} differ): run it with this notebook's "
+                     "MODEL, SEED, QUICK and N_SAMPLES.")
 
 
 def reference_runs(
-    wanted: dict[str, tuple[str, str | None]], out_dir: str | Path, setup: EvalSetup
+    wanted: dict[str, tuple[str, str | None]], out_dir: str | Path, setup: EvalSetup, *, seed: int,
 ) -> tuple[dict[str, Run], list[str]]:
-    """Optional comparisons: for each ``{label: (notebook, method)}`` the run ``reference_run`` finds, if it
-    exists, shares ``setup`` and finished (its metrics hold ``train_s`` and an ``"eval"`` series). Returns
-    ``({label: run}, notes)``, one note per label left out, saying why and how to add it."""
+    """Optional comparisons: for each ``{label: (notebook, method)}`` the run ``reference_run`` finds (finished,
+    on ``setup``, trained with ``seed``), if there is one. Returns ``({label: run}, notes)``, one note per label left
+    out, saying why and how to add it."""
     found, notes = {}, []
     for name, (notebook, method) in wanted.items():
         try:
-            run = reference_run(notebook, out_dir, setup, method=method)
+            found[name] = reference_run(notebook, out_dir, setup, seed=seed, method=method)
         except (FileNotFoundError, ValueError) as err:
             notes.append(f"{name} left out: {err}")
-            continue
-        metrics = run.metrics
-        if "train_s" not in metrics or not metrics.get("series", {}).get("eval"):
-            notes.append(f"{name} left out: {run.path} did not finish (no training costs or scores logged).")
-            continue
-        found[name] = run
     return found, notes
-
-
-def series_points(run: Run, key: str, series: str = "eval") -> list[tuple[int, float]]:
-    """``(step, value)`` of ``key`` in ``run``'s series ``series``, in step order, points without it left out."""
-    points = run.metrics.get("series", {}).get(series, [])
-    return sorted((p["step"], p[key]) for p in points if p.get(key) is not None)
-
-
-def running_mean(points: Sequence[tuple[int, float]], window: int) -> list[tuple[int, float]]:
-    """The mean of each point and the ``window - 1`` before it (fewer at the start): a noisy loss, smoothed."""
-    values = np.cumsum([0.0] + [v for _, v in points])
-    return [(s, (values[i + 1] - values[max(0, i + 1 - window)]) / min(i + 1, window))
-            for i, (s, _) in enumerate(points)]
-
-
-def loss_figure(run: Run, title: str, window: int = 25) -> Figure:
-    """The training loss of ``run`` per step and its running mean over ``window`` steps."""
-    loss = series_points(run, "loss", series="loss")
-    return plot_curve({"loss per step": loss, f"mean of the last {window} steps": running_mean(loss, window)},
-                      title=title, xlabel="optimizer step", ylabel="MSE of the noise prediction")
-
-
-def scores_figure(run: Run, title: str, keys: Sequence[str] = ("identity", "clip_t", "clip_i")) -> Figure:
-    """``run``'s evaluation scores ``keys`` (cosines) per evaluated step; step 0 is the base model."""
-    labels = {"identity": "identity", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
-    return plot_curve({labels.get(k, k): series_points(run, k) for k in keys}, title=title,
-                      xlabel="optimizer step", ylabel="mean cosine similarity")
 
 
 def first_step_reaching(points: Sequence[tuple[int, float]], target: float) -> int | None:
     """The first step whose value is at least ``target``; ``None`` if none is."""
     return next((step for step, value in sorted(points) if value >= target), None)
-
-
-def score_table(columns: dict[str, dict], keys: Sequence[str] = SCORE_KEYS) -> str:
-    """A Markdown table: one row per score in ``keys``, one column per ``{name: scores}`` item (4 significant
-    digits; ``n/a`` for a missing score)."""
-    def cell(value) -> str:
-        return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| score | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {key} | " + " | ".join(cell(c.get(key)) for c in columns.values()) + " |" for key in keys]
-    return "\n".join(lines)

@@ -1,9 +1,10 @@
-"""Figures every notebook uses: one labelled image grid, one curve plot, one bar chart, and saving a figure as
-a PNG; and one interactive view, an image redrawn from a slider.
+"""Figures and tables every notebook uses: one labelled image grid, one curve plot, one bar chart, a run's loss
+and score curves, a Markdown score table, saving a figure as a PNG and publishing a run's figure; and one
+interactive view, an image redrawn from a slider.
 
 Each helper returns a closed ``matplotlib`` ``Figure``: pyplot keeps no reference to it and the notebook backend
 does not draw it by itself, so a notebook shows it by leaving it as a cell's last value (or ``display(fig)``),
-exactly once, and saves it with ``save_figure``.
+exactly once, and saves it with ``publish`` (a run's figure) or ``save_figure`` (any path).
 """
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from nbutils.runs import atomic_write, repo_path
+from nbutils.runs import Run, atomic_write, repo_path
+
+SCORE_KEYS = ("identity", "clip_t", "clip_i", "detection_rate")
+"""The scores of a results table: toy or dlib identity, CLIP-T and CLIP-I cosines, share of images with a face."""
 
 
 def new_figure(size: tuple[float, float]) -> Figure:
@@ -160,3 +165,56 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write(path, buf.getvalue())
     return path
+
+
+def publishes(run: Run) -> bool:
+    """Whether ``run``'s figures go to the repo's ``figures/`` (the README shows them): only a full run (its
+    params' ``QUICK`` is ``False``) of a trained model (its ``tier`` is not ``"tiny"``); quick and test runs keep
+    theirs in the run folder."""
+    params = run.config["params"]
+    return params.get("QUICK") is False and params.get("tier") != "tiny"
+
+
+def publish(fig: Figure, run: Run, name: str) -> Path:
+    """Save ``fig`` as ``name`` (a ``.png`` file name) where ``run`` puts its figures: the repo's ``figures/`` when
+    ``publishes(run)``, else the run's own ``figures/`` (``Run.figure_path``). Returns the path."""
+    return save_figure(fig, run.figure_path(name, publish=publishes(run)))
+
+
+# --------------------------------------------------------------------------------------------------- a run's results
+def series_points(run: Run, key: str, series: str = "eval") -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` in ``run``'s series ``series``, in step order, points without it left out."""
+    points = run.metrics.get("series", {}).get(series, [])
+    return sorted((p["step"], p[key]) for p in points if p.get(key) is not None)
+
+
+def running_mean(points: Sequence[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """The mean of each point and the ``window - 1`` before it (fewer at the start): a noisy loss, smoothed."""
+    values = np.cumsum([0.0] + [v for _, v in points])
+    return [(s, (values[i + 1] - values[max(0, i + 1 - window)]) / min(i + 1, window))
+            for i, (s, _) in enumerate(points)]
+
+
+def loss_figure(run: Run, title: str, window: int = 25) -> Figure:
+    """The training loss of ``run`` per step and its running mean over ``window`` steps."""
+    loss = series_points(run, "loss", series="loss")
+    return plot_curve({"loss per step": loss, f"mean of the last {window} steps": running_mean(loss, window)},
+                      title=title, xlabel="optimizer step", ylabel="MSE of the noise prediction")
+
+
+def scores_figure(run: Run, title: str, keys: Sequence[str] = ("identity", "clip_t", "clip_i")) -> Figure:
+    """``run``'s evaluation scores ``keys`` (cosines) per evaluated step; step 0 is the base model."""
+    labels = {"identity": "identity", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
+    return plot_curve({labels.get(k, k): series_points(run, k) for k in keys}, title=title,
+                      xlabel="optimizer step", ylabel="mean cosine similarity")
+
+
+def score_table(columns: dict[str, dict], keys: Sequence[str] = SCORE_KEYS) -> str:
+    """A Markdown table: one row per score in ``keys``, one column per ``{name: scores}`` item (4 significant
+    digits; ``n/a`` for a missing score)."""
+    def cell(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| score | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(cell(c.get(key)) for c in columns.values()) + " |" for key in keys]
+    return "\n".join(lines)

@@ -28,10 +28,7 @@ from nbutils.study import (
     log_resources,
     reference_run,
     reference_runs,
-    running_mean,
     sample_prompts,
-    score_table,
-    series_points,
     subject_identity,
     train_and_log,
     with_overrides,
@@ -329,51 +326,110 @@ def test_a_resumed_run_keeps_its_recorded_scores_and_grid_without_sampling_them_
     assert "resumed_from_step" not in costs
 
 
+def finished_run(out_dir, notebook, setup, *, seed, method=None):
+    """A finished method run of ``notebook`` trained with ``seed`` and scored on ``setup``."""
+    run = new_run(notebook, {"SEED": seed, "train": {"seed": seed}, "eval": setup.as_dict()}, out_dir=out_dir,
+                  method=method)
+    run.log_metrics(train_s=3.0)
+    run.log_series("eval", 0, identity=0.3)
+    run.finish()
+    return run
+
+
 def test_reference_run_must_exist_and_share_the_evaluation(tmp_run_dir, tiny_ref):
     setup = eval_setup(tiny_ref, "d", seed=0, quick=True)
     with pytest.raises(FileNotFoundError, match="No run of notebooks/02_textual_inversion.ipynb"):
-        reference_run("02_textual_inversion", tmp_run_dir, setup)
-    same = new_run("02_textual_inversion", {"eval": setup.as_dict()}, out_dir=tmp_run_dir)
-    assert reference_run("02_textual_inversion", tmp_run_dir, setup).path == same.path
+        reference_run("02_textual_inversion", tmp_run_dir, setup, seed=0)
+    same = finished_run(tmp_run_dir, "02_textual_inversion", setup, seed=0)
+    assert reference_run("02_textual_inversion", tmp_run_dir, setup, seed=0).path == same.path
     other = eval_setup(tiny_ref, "d", seed=1, quick=True, n_samples=3)
-    with pytest.raises(ValueError, match=r"\(seeds differ\).*MODEL, SEED, QUICK and N_SAMPLES"):
-        reference_run("02_textual_inversion", tmp_run_dir, other)
+    with pytest.raises(ValueError, match=r"\(seeds, seed differ\).*MODEL, SEED, QUICK and N_SAMPLES"):
+        reference_run("02_textual_inversion", tmp_run_dir, other, seed=1)
+    unfinished = new_run("02_textual_inversion", {"SEED": 1, "eval": other.as_dict()}, out_dir=tmp_run_dir)
+    with pytest.raises(ValueError, match=f"{unfinished.path} did not finish"):
+        reference_run("02_textual_inversion", tmp_run_dir, other, seed=1)
+
+
+def test_reference_run_takes_the_latest_finished_run_of_its_own_grid_and_seed(tmp_run_dir, tiny_ref):
+    """Parallel seed runs: P+ of seed 1 compares with TI of seed 1, not with a newer TI of seed 2."""
+    grids = {seed: eval_setup(tiny_ref, "d", seed=seed, quick=True) for seed in (1, 2)}
+    seed_1 = finished_run(tmp_run_dir, "02_textual_inversion", grids[1], seed=1)
+    finished_run(tmp_run_dir, "02_textual_inversion", grids[2], seed=2)
+    new_run("02_textual_inversion", {"SEED": 1, "eval": grids[1].as_dict()}, out_dir=tmp_run_dir)  # unfinished
+    other_seed = finished_run(tmp_run_dir, "02_textual_inversion", grids[1], seed=3)  # same grid, other training
+    assert reference_run("02_textual_inversion", tmp_run_dir, grids[1], seed=1).path == seed_1.path
+    assert reference_run("02_textual_inversion", tmp_run_dir, grids[1], seed=3).path == other_seed.path
+    with pytest.raises(ValueError, match=f"the newest, {other_seed.path}, .*\\(seeds, seed differ\\)"):
+        reference_run("02_textual_inversion", tmp_run_dir, grids[2], seed=1)
 
 
 def test_reference_run_of_one_method_and_optional_references(tmp_run_dir, tiny_ref):
     setup = eval_setup(tiny_ref, "d", seed=0, quick=True)
-    lora = new_run("04_lora_svdiff", {"eval": setup.as_dict()}, out_dir=tmp_run_dir, method="lora")
-    lora.log_metrics(train_s=3.0)
-    lora.log_series("eval", 0, identity=0.3)
-    svdiff = new_run("04_lora_svdiff", {"eval": setup.as_dict()}, out_dir=tmp_run_dir, method="svdiff")
-    assert reference_run("04_lora_svdiff", tmp_run_dir, setup).path == svdiff.path  # the latest of any method
-    assert reference_run("04_lora_svdiff", tmp_run_dir, setup, method="lora").path == lora.path
+    lora = finished_run(tmp_run_dir, "04_lora_svdiff", setup, seed=0, method="lora")
+    svdiff = finished_run(tmp_run_dir, "04_lora_svdiff", setup, seed=0, method="svdiff")
+    assert reference_run("04_lora_svdiff", tmp_run_dir, setup, seed=0).path == svdiff.path  # the latest of any method
+    assert reference_run("04_lora_svdiff", tmp_run_dir, setup, seed=0, method="lora").path == lora.path
     with pytest.raises(FileNotFoundError, match="with method 'pplus'"):
-        reference_run("04_lora_svdiff", tmp_run_dir, setup, method="pplus")
+        reference_run("04_lora_svdiff", tmp_run_dir, setup, seed=0, method="pplus")
 
-    new_run("02_textual_inversion", {"eval": eval_setup(tiny_ref, "d", seed=1, quick=True).as_dict()},
-            out_dir=tmp_run_dir, method="textual_inversion")
+    new_run("04_lora_svdiff", {"SEED": 0, "eval": setup.as_dict()}, out_dir=tmp_run_dir, method="svdiff")
+    finished_run(tmp_run_dir, "05_dreambooth", setup, seed=0, method="dreambooth").metrics_path.unlink()
+    new_run("05_dreambooth", {"SEED": 0, "eval": setup.as_dict()}, out_dir=tmp_run_dir, method="dreambooth")
+    finished_run(tmp_run_dir, "02_textual_inversion", eval_setup(tiny_ref, "d", seed=1, quick=True), seed=1,
+                 method="textual_inversion")
     found, notes = reference_runs({"LoRA": ("04_lora_svdiff", "lora"), "SVDiff": ("04_lora_svdiff", "svdiff"),
-                                   "TI": ("02_textual_inversion", None), "P+": ("03_pplus", None)},
-                                  tmp_run_dir, setup)
-    assert {name: run.path for name, run in found.items()} == {"LoRA": lora.path}
-    assert [n.split(" left out: ")[0] for n in notes] == ["SVDiff", "TI", "P+"]
-    assert "did not finish" in notes[0] and "(seeds differ)" in notes[1] and "No run of notebooks/03" in notes[2]
+                                   "DB": ("05_dreambooth", "dreambooth"), "TI": ("02_textual_inversion", None),
+                                   "P+": ("03_pplus", None)}, tmp_run_dir, setup, seed=0)
+    assert {name: run.path for name, run in found.items()} == {"LoRA": lora.path, "SVDiff": svdiff.path}
+    assert [n.split(" left out: ")[0] for n in notes] == ["DB", "TI", "P+"]
+    assert "did not finish" in notes[0] and "(seeds, seed differ)" in notes[1] and "No run of notebooks/03" in notes[2]
 
 
-def test_series_and_curve_helpers(tmp_run_dir):
-    run = new_run("02_x", {}, out_dir=tmp_run_dir)
-    for step, value in [(20, 0.5), (0, 0.2), (10, None), (30, 0.45)]:
-        run.log_series("eval", step, identity=value)
-    points = series_points(run, "identity")
-    assert points == [(0, 0.2), (20, 0.5), (30, 0.45)]
+def test_first_step_reaching(tmp_run_dir):
+    points = [(0, 0.2), (20, 0.5), (30, 0.45)]
     assert first_step_reaching(points, 0.45) == 20 and first_step_reaching(points, 0.9) is None
-    assert running_mean([(1, 1.0), (2, 3.0), (3, 5.0)], 2) == [(1, 1.0), (2, 2.0), (3, 4.0)]
-    assert series_points(run, "loss", series="loss") == []
 
 
-def test_score_table():
-    table = score_table({"base": {"identity": 0.31234, "clip_t": None}, "TI": {"identity": 0.7, "clip_t": 0.25}},
-                        keys=("identity", "clip_t"))
-    assert table.splitlines() == ["| score | base | TI |", "|---|---|---|", "| identity | 0.3123 | 0.7 |",
-                                  "| clip_t | n/a | 0.25 |"]
+# --------------------------------------------------------------------------------------------------- checks and reports
+def test_notebook_parameters_reads_the_tagged_cell_and_the_current_values():
+    namespace = {"MODEL": "toy", "SEED": 3, "OUT_DIR": "elsewhere", "DRIVE": False, "RESUME": "never",
+                 "QUICK": True, "DATASET": "auto", "PLACEHOLDER": "<sks>", "INIT_WORD": "person",
+                 "NUM_VECTORS": 4, "STEPS": None, "LR": None, "BATCH": None, "CHECKPOINT_EVERY": None,
+                 "N_SAMPLES": 2, "ref": "not a parameter"}
+    params = study.notebook_parameters("02_textual_inversion", namespace, tier="toy")
+    assert list(params) == ["MODEL", "SEED", "QUICK", "DATASET", "PLACEHOLDER", "INIT_WORD", "NUM_VECTORS",
+                            "STEPS", "LR", "BATCH", "CHECKPOINT_EVERY", "N_SAMPLES", "tier"]
+    assert params["SEED"] == 3 and params["NUM_VECTORS"] == 4 and params["tier"] == "toy"
+    assert "OUT_DIR" in study.notebook_parameters("02_textual_inversion", namespace, leave_out=())
+    with pytest.raises(KeyError, match="SEED"):
+        study.notebook_parameters("02_textual_inversion", {k: v for k, v in namespace.items() if k != "SEED"})
+
+
+def test_same_pixels_passes_for_a_reloaded_word_and_fails_for_another(tiny_ref, tmp_run_dir):
+    setup = eval_setup(tiny_ref, "d", seed=0, quick=True, names=("studio",))
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    pipes = [build_tiny_pipeline(seed=0) for _ in range(2)]
+    image, fig = study.same_pixels({"trained": pipes[0], "fresh": pipes[1]}, setup, "a person", 7, run)
+    assert np.asarray(image).tolist() == np.asarray(Image.open(run.path / "images" / "fresh-pipeline.png")).tolist()
+    assert [ax.get_title() for ax in fig.axes] == ["trained", "fresh"] and "identical pixels" in fig._suptitle.get_text()
+    embeds = {"fresh": lambda prompts: [e * 1.5 for e in pipes[1].encode_prompt(prompts, "cpu", 1, True)]}
+    with pytest.raises(AssertionError, match="fresh drew another image than trained"):
+        study.same_pixels({"trained": pipes[0], "fresh": pipes[1]}, setup, "a person", 7, run, embeds=embeds)
+
+
+def test_cost_summary_and_final_scores(tmp_run_dir, capsys):
+    costs = {"steps": 40, "train_s": 12.0, "eval_s": 3.4, "artifact_bytes": 4096}
+    evaluator = SimpleNamespace(scores={20: {}, 0: {}, 40: {}})
+    assert study.cost_summary(costs, evaluator, "ck/learned.safetensors") == (
+        "40 steps in 12 s (0.30 s/step) + 3 s of evaluation at steps [20, 40]\n"
+        "learned file: ck/learned.safetensors (4,096 bytes)")
+    assert study.cost_summary({**costs, "train_s": 0.8, "steps": 5}) == "5 steps in 0.8 s (0.16 s/step)"
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    base = {"identity": 0.3, "clip_t": 0.6, "clip_i": 0.5, "detection_rate": 1.0, "fid": 9.0}
+    final = {**base, "identity": 0.7}
+    assert study.log_final_scores(run, base, final, "the word", seeds=4)
+    assert capsys.readouterr().out == "identity 0.300 -> 0.700: the word beats the base model (4 seeds per prompt)\n"
+    logged = run.metrics
+    assert logged["final"] == {k: final[k] for k in ("identity", "clip_t", "clip_i", "detection_rate")}
+    assert logged["beats_baseline"] and logged["identity_gain"] == pytest.approx(0.4)
+    assert not study.log_final_scores(run, final, base, "the word", seeds=4) and not run.metrics["beats_baseline"]

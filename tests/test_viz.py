@@ -1,4 +1,4 @@
-"""Image grid, curve plot, bar chart, figure saving and the image slider."""
+"""Image grid, curve plot, bar chart, a run's curves and score table, figure saving and publishing, the slider."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nbutils.viz import bar_chart, image_grid, image_slider, plot_curve, png_bytes, save_figure
+from nbutils import runs
+from nbutils.runs import new_run
+from nbutils.viz import (bar_chart, image_grid, image_slider, loss_figure, plot_curve, png_bytes, publish,
+                         publishes, running_mean, save_figure, score_table, scores_figure, series_points)
 
 
 def solid(value):
@@ -104,3 +107,42 @@ def test_image_slider_redraws_the_image_when_the_slider_moves():
     assert view.value == png_bytes(solid(100))
     slider.value = 0.5
     assert drawn == [1.0, 0.5] and view.value == png_bytes(solid(50))
+
+
+def test_series_points_running_mean_and_a_runs_curves(tmp_run_dir):
+    run = new_run("02_x", {}, out_dir=tmp_run_dir)
+    for step, value in [(20, 0.5), (0, 0.2), (10, None), (30, 0.45)]:
+        run.log_series("eval", step, identity=value, clip_t=0.6)
+    for step in (1, 2, 3):
+        run.log_series("loss", step, loss=2.0 * step - 1)
+    assert series_points(run, "identity") == [(0, 0.2), (20, 0.5), (30, 0.45)]
+    assert series_points(run, "loss", series="loss") == [(1, 1.0), (2, 3.0), (3, 5.0)]
+    assert running_mean([(1, 1.0), (2, 3.0), (3, 5.0)], 2) == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    lines = loss_figure(run, "Loss (seed 0)", window=2).axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[1.0, 3.0, 5.0], [1.0, 2.0, 4.0]]
+    ax = scores_figure(run, "Scores (seed 0)", keys=("identity", "clip_t")).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["identity", "CLIP-T"]
+    assert list(ax.get_lines()[0].get_xdata()) == [0, 20, 30] and ax.get_title() == "Scores (seed 0)"
+
+
+def test_score_table():
+    table = score_table({"base": {"identity": 0.31234, "clip_t": None}, "TI": {"identity": 0.7, "clip_t": 0.25}},
+                        keys=("identity", "clip_t"))
+    assert table.splitlines() == ["| score | base | TI |", "|---|---|---|", "| identity | 0.3123 | 0.7 |",
+                                  "| clip_t | n/a | 0.25 |"]
+    assert [row.split(" |")[0] for row in score_table({"a": {}}).splitlines()[2:]] == [
+        "| identity", "| clip_t", "| clip_i", "| detection_rate"]
+
+
+def test_publish_writes_only_a_full_run_of_a_trained_model_into_the_repos_figures(tmp_run_dir, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(runs, "REPO_ROOT", tmp_path / "repo")
+    fig = image_grid([solid(0)])
+    for params, published in [({"QUICK": False, "tier": "toy"}, True), ({"QUICK": False}, True),
+                              ({"QUICK": True, "tier": "toy"}, False), ({"QUICK": False, "tier": "tiny"}, False),
+                              ({}, False)]:
+        run = new_run("02_x", params, out_dir=tmp_run_dir)
+        assert publishes(run) is published
+        folder = tmp_path / "repo" if published else run.path
+        assert publish(fig, run, "grid.png") == folder / "figures" / "grid.png"
+        assert Image.open(folder / "figures" / "grid.png").format == "PNG"
