@@ -2,8 +2,8 @@
 
     python scripts/eval_e4t.py                                   # the toy subject, the default recipe
     python scripts/eval_e4t.py --lrs 3e-4,1e-3 --steps 5,15      # the committed figures/e4t_results.csv
-    python scripts/eval_e4t.py --subject data/subjects/toy-val --lrs 1e-4,3e-4 --steps 5,10,15 \
-        --n-samples 8 --csv figures/sweeps/e4t_sweep.csv         # choose the recipe on the validation subject
+    python scripts/eval_e4t.py --subject data/subjects/toy-val --lrs 1e-4,3e-4,1e-3 --steps 5,10,15 \
+        --csv figures/sweeps/e4t_sweep_toy_val.csv               # choose the recipe on the validation subject
 
 Rows: the base model ("a person"), the pretrained encoder alone (0 tuning steps: the subject word computed from the
 photo, the domain's weight offsets) and each (learning rate, steps) personalisation, every one scored on
