@@ -416,7 +416,7 @@ def train_and_log(
     return result, costs
 
 
-# --------------------------------------------------------------------------------------------------- checks and reports
+# ------------------------------------------------------------------------------------------------ checks and reports
 def same_pixels(
     pipes: Mapping[str, StableDiffusionPipeline], setup: EvalSetup, subject_phrase: str, seed: int, run: Run, *,
     embeds: Mapping[str, Embed] | None = None, context: Callable[[], AbstractContextManager] = nullcontext,
@@ -444,7 +444,8 @@ def same_pixels(
                                         negative_prompt_embeds=negative, **sampler)[0]
     first, *others = (np.asarray(image) for image in images.values())
     differ = [name for name, other in zip(list(images)[1:], others) if not np.array_equal(first, other)]
-    assert not differ, f"{', '.join(differ)} drew another image than {next(iter(images))}"
+    if differ:
+        raise AssertionError(f"{', '.join(differ)} drew another image than {next(iter(images))}")
     image = list(images.values())[-1]
     run.save_image(image, "fresh-pipeline", prompt=prompt, seed=seed)
     return image, image_grid(list(images.values()), col_labels=list(images), cell=2.2,

@@ -390,7 +390,7 @@ def test_first_step_reaching(tmp_run_dir):
     assert first_step_reaching(points, 0.45) == 20 and first_step_reaching(points, 0.9) is None
 
 
-# --------------------------------------------------------------------------------------------------- checks and reports
+# ------------------------------------------------------------------------------------------------ checks and reports
 def test_notebook_parameters_reads_the_tagged_cell_and_the_current_values():
     namespace = {"MODEL": "toy", "SEED": 3, "OUT_DIR": "elsewhere", "DRIVE": False, "RESUME": "never",
                  "QUICK": True, "DATASET": "auto", "PLACEHOLDER": "<sks>", "INIT_WORD": "person",
@@ -411,7 +411,8 @@ def test_same_pixels_passes_for_a_reloaded_word_and_fails_for_another(tiny_ref, 
     pipes = [build_tiny_pipeline(seed=0) for _ in range(2)]
     image, fig = study.same_pixels({"trained": pipes[0], "fresh": pipes[1]}, setup, "a person", 7, run)
     assert np.asarray(image).tolist() == np.asarray(Image.open(run.path / "images" / "fresh-pipeline.png")).tolist()
-    assert [ax.get_title() for ax in fig.axes] == ["trained", "fresh"] and "identical pixels" in fig._suptitle.get_text()
+    assert [ax.get_title() for ax in fig.axes] == ["trained", "fresh"]
+    assert "identical pixels" in fig._suptitle.get_text()
     embeds = {"fresh": lambda prompts: [e * 1.5 for e in pipes[1].encode_prompt(prompts, "cpu", 1, True)]}
     with pytest.raises(AssertionError, match="fresh drew another image than trained"):
         study.same_pixels({"trained": pipes[0], "fresh": pipes[1]}, setup, "a person", 7, run, embeds=embeds)
