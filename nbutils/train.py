@@ -367,7 +367,7 @@ def load_checkpoint(method: Method, checkpoint: str | Path, optimizer=None, lr_s
 
 
 def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: TrainConfig, run: Run, *,
-          callbacks: Sequence[Callback] = (), resume: bool = True) -> TrainResult:
+          callbacks: Sequence[Callback] = (), resume: bool = True, accelerator=None) -> TrainResult:
     """Train ``method`` on ``dataset`` ((PIL image, caption) pairs) for ``cfg.steps`` steps, writing into ``run``.
 
     If the run folder already holds checkpoints, training continues from the newest one (``resume=True``) and
@@ -377,7 +377,16 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
     may have died inside them: make them skip a step they already recorded, as ``CheckpointEvaluator`` does.
     ``callbacks(step, method, run)`` run every ``cfg.sample_every`` steps and at every checkpoint (for sample grids
     and evaluation). Raises ``TrainingDiverged`` on a NaN/inf loss.
+
+    ``accelerator``: an ``accelerate.Accelerator`` of ``W`` processes (``accelerate launch``) trains data-parallel.
+    Process ``r`` takes micro-batches ``r, r + W, ...`` of those a single process with ``gradient_accumulation * W``
+    would take; the gradients are summed across processes before each optimizer step, so every process keeps the
+    same weights and the run equals that single-process run up to float summation order. Only the main process
+    writes into ``run`` (checkpoints, series) and runs the callbacks. ``None``: this process alone.
     """
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    writes = rank == 0
+    shards = replace(cfg, gradient_accumulation=cfg.gradient_accumulation * world)  # the single-process run's view
     began, callback_s = time.perf_counter(), 0.0  # training time: this call's, callbacks excluded
     images, captions = _check_dataset(dataset)
     device = method.pipe.device
@@ -405,6 +414,8 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
 
     def run_callbacks(step: int) -> None:
         nonlocal callback_s
+        if not writes:
+            return
         t = time.perf_counter()
         for callback in callbacks:
             callback(step, method, run)
@@ -414,8 +425,9 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
         spent = earlier_s + time.perf_counter() - began - callback_s
         return save_checkpoint(run, method, step, optimizer, lr_scheduler, scaler, cfg, train_s=spent)
 
-    run.truncate_series(start)  # a reused folder: what was logged after its checkpoint is trained again
-    _remove_unfinished_writes(run)
+    if writes:
+        run.truncate_series(start)  # a reused folder: what was logged after its checkpoint is trained again
+        _remove_unfinished_writes(run)
     if start:
         run_callbacks(start)
     num_timesteps = method.noise_scheduler.config.num_train_timesteps
@@ -424,11 +436,11 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(cfg.gradient_accumulation):
-            batch = make_batch(latents, captions, cfg, step, micro, num_timesteps)
+            batch = make_batch(latents, captions, shards, step, micro * world + rank, num_timesteps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = method.loss(batch) / cfg.gradient_accumulation
+                loss = method.loss(batch) / shards.gradient_accumulation
             if not torch.isfinite(loss):
-                if step > 1 and (last_saved is None or last_saved.name != f"step-{step - 1}"):
+                if writes and step > 1 and (last_saved is None or last_saved.name != f"step-{step - 1}"):
                     last_saved = checkpoint(step - 1)
                 kept = f"the last good weights are in {last_saved}" if last_saved else "nothing was learned yet"
                 raise TrainingDiverged(
@@ -436,6 +448,11 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
                     "(TrainConfig.lr), keep max_grad_norm set, or use mixed_precision='no'.", step, last_saved)
             scaler.scale(loss).backward()
             step_loss += loss.item()
+        if world > 1:  # every process steps with the gradient of all processes' micro-batches
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="sum")
+            step_loss = accelerator.reduce(torch.tensor(step_loss), reduction="sum").item()
         if cfg.max_grad_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -444,9 +461,10 @@ def train(method: Method, dataset: Sequence[tuple[Image.Image, str]], cfg: Train
         lr_scheduler.step()
         method.after_step()
         losses.append(step_loss)
-        run.log_series("loss", step, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
+        if writes:
+            run.log_series("loss", step, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
         at_checkpoint = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-        if at_checkpoint:
+        if at_checkpoint and writes:
             last_saved = checkpoint(step)
         if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
             run_callbacks(step)
