@@ -151,10 +151,11 @@ class PivotalTuning(Method):
         self.ti.load_saved(state)
 
 
-def save_pivotal(method: PivotalTuning, folder: str | Path) -> Path:
+def save_pivotal(method: PivotalTuning, folder: str | Path, *, replace: bool = False) -> Path:
     """Write the trained adapters and token as diffusers' two files into the new folder ``folder``, atomically
-    (``nbutils.dreambooth.write_folder``): ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``) and
-    ``learned_embeds.safetensors`` (``pipe.load_textual_inversion``). Returns ``folder``."""
+    (``nbutils.dreambooth.write_folder``, ``replace`` as there): ``pytorch_lora_weights.safetensors``
+    (``pipe.load_lora_weights``) and ``learned_embeds.safetensors`` (``pipe.load_textual_inversion``).
+    Returns ``folder``."""
     adapters = {k: v.detach().float().contiguous().cpu() for k, v in method.lora.state_dict_to_save().items()}
     token = {k: v.detach().float().contiguous().cpu() for k, v in method.ti.state_dict_to_save().items()}
     files = {lora.WEIGHTS_NAME: save(adapters, metadata=method.lora.save_metadata()),
@@ -164,7 +165,7 @@ def save_pivotal(method: PivotalTuning, folder: str | Path) -> Path:
         for name, data in files.items():
             atomic_write(tmp / name, data)
 
-    return write_folder(folder, write, sum(len(data) for data in files.values()))
+    return write_folder(folder, write, sum(len(data) for data in files.values()), replace=replace)
 
 
 def load_pivotal(pipe: StableDiffusionPipeline, folder: str | Path) -> None:

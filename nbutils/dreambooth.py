@@ -383,37 +383,51 @@ class DreamBooth(Method):
 
 
 # --------------------------------------------------------------------------------------------------- saving
-def write_folder(folder: str | Path, write: Callable[[Path], None], size_bytes: int) -> Path:
+def write_folder(folder: str | Path, write: Callable[[Path], None], size_bytes: int, *, replace: bool = False) -> Path:
     """Create ``folder`` by calling ``write(tmp)`` on a temporary sibling folder that is renamed to ``folder`` once
     ``write`` returns, so ``folder`` is either complete or absent. Returns ``folder``.
 
     On an ``OSError`` (a full disk) the temporary folder is removed and the error re-raised, same ``errno``, with
-    the space needed (``size_bytes``, an estimate). ``FileExistsError`` if ``folder`` exists.
+    the space needed (``size_bytes``, an estimate). ``FileExistsError`` if ``folder`` exists, unless ``replace``:
+    then the old folder is swapped out only once the new one is complete, and removed (a resumed or re-run
+    notebook rewrites its own run's artifact this way).
     """
     folder = Path(folder)
-    if folder.exists():
+    if folder.exists() and not replace:
         raise FileExistsError(f"{folder} already exists: save into a new folder (e.g. a new run's artifacts).")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    old = folder.parent / f".{folder.name}.replaced"
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary readable folder
         write(tmp)
-        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.rename(folder, old)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if old.exists():
+                os.rename(old, folder)  # the old folder stays whole when the swap fails
+            raise
     except OSError as err:
         cause = "the disk is full" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err}"
         raise OSError(err.errno, f"Saving to {folder} failed ({cause}); nothing was left there. It needs about "
                                  f"{size_bytes / 1e9:.2f} GB: free space or pick another folder.") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path) -> Path:
+def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path, *, replace: bool = False) -> Path:
     """Save ``pipe`` as a diffusers pipeline folder (safetensors) that ``StableDiffusionPipeline.from_pretrained``
-    and ``load_pipeline`` read, atomically (``write_folder``). Returns ``folder``."""
+    and ``load_pipeline`` read, atomically (``write_folder``; ``replace``: swap out an existing folder once the
+    new one is complete). Returns ``folder``."""
     size = sum(p.numel() * p.element_size() for m in pipe.components.values()
                if isinstance(m, torch.nn.Module) for p in m.parameters())
-    return write_folder(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), size)
+    return write_folder(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), size,
+                        replace=replace)
 
 
 # --------------------------------------------------------------------------------------------------- measuring

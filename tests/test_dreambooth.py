@@ -160,6 +160,23 @@ def test_only_the_unet_trains_and_the_saved_pipeline_reloads_with_identical_outp
         save_pipeline(pipe, folder)
 
 
+def test_replace_swaps_in_a_complete_new_folder_and_keeps_the_old_one_when_writing_fails(tmp_path, monkeypatch):
+    folder = save_pipeline(build_tiny_pipeline(0), tmp_path / "model")
+    other = build_tiny_pipeline(1)
+    assert save_pipeline(other, folder, replace=True) == folder  # a resumed run rewrites its own artifact
+    assert same(state(other.unet), state(load_pipeline(str(folder), device="cpu").unet))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or swapped-out sibling left
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="the disk is full"):
+        save_pipeline(build_tiny_pipeline(2), folder, replace=True)
+    assert same(state(other.unet), state(load_pipeline(str(folder), device="cpu").unet))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_a_full_disk_while_saving_leaves_no_folder(tmp_path, monkeypatch):
     written = []
 
