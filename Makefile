@@ -17,7 +17,7 @@ OPEN_CLIP := open-clip-torch==3.3.0
 # noise, keep everything else (pipefail keeps pip's exit status).
 PIP_FILTER := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: venv study portrait lab test toy-model toy-evaluators toy-encoders clean-venv
+.PHONY: venv study portrait lab test test-sd15 toy-model toy-evaluators toy-encoders clean-venv
 
 venv: $(VENV)/.ready
 
@@ -36,7 +36,7 @@ $(VENV)/.ready:
 study: venv
 	$(PY) scripts/run_study.py --quick $(QUICK) $(if $(MODEL),--model $(MODEL)) $(if $(SEED),--seed $(SEED)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY)) $(if $(GPUS),--gpus $(GPUS)) \
-		$(if $(filter 1,$(FRESH)),--fresh)
+		$(if $(filter 1,$(FRESH)),--fresh) $(foreach p,$(PARAMS),--param '$(p)')
 
 # `make portrait PHOTOS=data/me SCENE="on the beach" STYLE=watercolor METHOD=auto ROUTE=prompt`: notebook 09 in one
 # papermill call, into its own run folder under runs/ (defaults: the tier's demo subject; see the README).
@@ -61,6 +61,17 @@ lab: venv
 
 test: venv
 	$(PY) -m pytest
+
+# `make test-sd15`: notebooks 01-05 in QUICK mode on SD1.5's architecture with random weights at 128 px (MODEL
+# sd15-random: built on first use, 4.3 GB, cached outside the clone), into runs/test-sd15/: the real tier's code
+# paths on a CPU (CLIP ViT-L-sized text encoder, 860M-parameter UNet, 8x VAE, dlib faces, gradient checkpointing,
+# the 8-bit Adam fallback). Shortened by SD15_PARAMS; it resumes like `make study`. Not part of `make test`.
+SD15_PARAMS ?= STEPS=2 CHECKPOINT_EVERY=2 N_SAMPLES=1 N_PER_IMAGE=1 SWEEP_RANKS=[4] N_CLASS_IMAGES=2 \
+	MIX_STEPS=1 N_MIX=1
+
+test-sd15: venv
+	PORTRAIT_STUDIO_RESOLUTION=128 $(PY) scripts/run_study.py --quick 1 --model sd15-random --only 01,02,03,04,05 \
+		--out runs/test-sd15 $(foreach p,$(SD15_PARAMS),--param '$(p)')
 
 # The toy model conditions on the committed toy CLIP's text tower (data/models/toy-clip); `make toy-evaluators`
 # retrains that CLIP and the other toy evaluators (run it first to rebuild the whole chain from scratch).

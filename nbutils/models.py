@@ -5,6 +5,8 @@
   ``data/models/toy-sd/`` (64 px, runs on a CPU).
 - ``tiny``: a random-weight pipeline of the same classes (32 px), built in code for fast tests and cached in
   ``TINY_MODEL_DIR`` on first use, so ``MODEL='auto'`` works before the toy model exists.
+- ``sd15-random`` (a real-tier model): SD1.5's architecture with random weights at 128 px, cached in
+  ``SD15_TEST_DIR``, for ``make test-sd15`` to run the real tier's code paths on a CPU.
 
 Every tier uses SD1.5's exact CLIP tokenizer (``nbutils.clip_bpe``), a ``CLIPTextModel``, a
 ``UNet2DConditionModel`` with cross-attention, an ``AutoencoderKL`` and SD's noise schedule (scaled-linear betas
@@ -18,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -31,7 +33,13 @@ if TYPE_CHECKING:  # diffusers is imported lazily: it takes seconds
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_MODEL_DIR = REPO_ROOT / "data" / "models" / "toy-sd"
-TINY_MODEL_DIR = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio")) / "tiny-sd"
+CACHE_DIR = Path(os.environ.get("PORTRAIT_STUDIO_CACHE", Path.home() / ".cache" / "portrait-studio"))
+TINY_MODEL_DIR = CACHE_DIR / "tiny-sd"
+SD15_TEST_SIZE = 128
+"""Image side (px) of ``make test-sd15``'s random SD1.5: the real architecture, 16 x 16 latents, CPU-sized."""
+SD15_TEST_DIR = CACHE_DIR / f"sd15-random-{SD15_TEST_SIZE}"
+RESOLUTION_ENV = "PORTRAIT_STUDIO_RESOLUTION"
+"""When set (pixels, a multiple of 8), ``tier_defaults`` prepares and trains at it instead of the tier's size."""
 
 # Written into a saved tiny pipeline; bump TINY_BUILD when build_tiny_pipeline changes so stale caches are rebuilt.
 TINY_STAMP = "tiny_pipeline.json"
@@ -75,23 +83,36 @@ def is_pipeline_folder(folder: str | Path) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
 
-def _is_tiny_cache_current(folder: Path) -> bool:
+def _stamp(seed: int, sd15_size: int | None) -> dict:
+    """What ``save_tiny_pipeline`` writes into ``TINY_STAMP``: enough to tell a stale cache."""
+    stamp = {"seed": seed, "build": TINY_BUILD}
+    return stamp if sd15_size is None else {**stamp, "sd15_shape": True, "image_size": sd15_size}
+
+
+def _ensure_cached(folder: Path, sd15_size: int | None = None) -> Path:
+    """``folder``, holding the random pipeline (seed 0) that ``save_tiny_pipeline`` builds; built on first use
+    and rebuilt when its stamp is not the current build's."""
     stamp = folder / TINY_STAMP
-    if not is_pipeline_folder(folder) or not stamp.is_file():
-        return False
-    return json.loads(stamp.read_text()).get("build") == TINY_BUILD
+    if not (is_pipeline_folder(folder) and stamp.is_file()
+            and json.loads(stamp.read_text()) == _stamp(0, sd15_size)):
+        if folder.exists():  # built by an older version of build_tiny_pipeline, or damaged
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            save_tiny_pipeline(folder, seed=0, sd15_size=sd15_size)
+        except FileExistsError:  # another process saved it first
+            pass
+    return folder
 
 
 def ensure_tiny_pipeline() -> Path:
     """``TINY_MODEL_DIR``, holding the tiny random pipeline (seed 0); built and saved there on first use."""
-    if not _is_tiny_cache_current(TINY_MODEL_DIR):
-        if TINY_MODEL_DIR.exists():  # built by an older version of build_tiny_pipeline, or damaged
-            shutil.rmtree(TINY_MODEL_DIR, ignore_errors=True)
-        try:
-            save_tiny_pipeline(TINY_MODEL_DIR, seed=0)
-        except FileExistsError:  # another process saved it first
-            pass
-    return TINY_MODEL_DIR
+    return _ensure_cached(TINY_MODEL_DIR)
+
+
+def ensure_sd15_test_pipeline() -> Path:
+    """``SD15_TEST_DIR``, holding SD1.5's architecture with random weights at ``SD15_TEST_SIZE`` px (seed 0,
+    float32, 4.3 GB on disk; about a minute to build): the model ``make test-sd15`` runs the notebooks on."""
+    return _ensure_cached(SD15_TEST_DIR, SD15_TEST_SIZE)
 
 
 def resolve_model(model: str = "auto", device: str | torch.device | None = None) -> str:
@@ -99,7 +120,8 @@ def resolve_model(model: str = "auto", device: str | torch.device | None = None)
 
     ``"auto"``: SD1.5 (``SD15_ID``) on a CUDA GPU; otherwise the toy model if ``TOY_MODEL_DIR`` holds a
     ``model_index.json``, else the tiny random pipeline (built on first use). Aliases: ``"sd15"``, ``"toy"``,
-    ``"tiny"``. A folder (absolute, ``~``, or relative to the repo root) becomes its absolute path; anything
+    ``"tiny"``, ``"sd15-random"`` (SD1.5's architecture with random weights at 128 px, ``make test-sd15``'s;
+    built on first use). A folder (absolute, ``~``, or relative to the repo root) becomes its absolute path; anything
     else shaped like ``owner/name`` is a hub id.
     """
     key = str(model).strip()
@@ -113,6 +135,8 @@ def resolve_model(model: str = "auto", device: str | torch.device | None = None)
         return SD15_ID
     if key == "tiny":
         return str(ensure_tiny_pipeline())
+    if key == "sd15-random":
+        return str(ensure_sd15_test_pipeline())
     if key == "toy":
         if not is_pipeline_folder(TOY_MODEL_DIR):
             raise ModelUnavailable(
@@ -134,13 +158,18 @@ def image_size(folder: str | Path) -> int:
 
 
 def model_tier(model_ref: str) -> Tier:
-    """The tier of a resolved reference: a hub id is ``"real"``; a local pipeline folder is ``"tiny"`` up to
-    32 px, ``"toy"`` below 256 px and ``"real"`` from 256 px (read from its UNet and VAE configs)."""
+    """The tier of a resolved reference: a hub id is ``"real"``; so is a local pipeline folder of Stable
+    Diffusion's width (UNet ``cross_attention_dim`` of 768 or more: CLIP ViT-L's) or of 256 px and more, at any
+    size (``make test-sd15``'s 128 px random SD1.5 is ``"real"``); a smaller folder is ``"tiny"`` up to 32 px,
+    else ``"toy"`` (read from its UNet and VAE configs)."""
     folder = repo_path(model_ref)
     if not is_pipeline_folder(folder):
         return "real"
     size = image_size(folder)
-    return "tiny" if size <= 32 else "toy" if size < 256 else "real"
+    width = json.loads((folder / "unet" / "config.json").read_text()).get("cross_attention_dim", 0)
+    if size >= 256 or (isinstance(width, int) and width >= 768):
+        return "real"
+    return "tiny" if size <= 32 else "toy"
 
 
 @dataclass(frozen=True)
@@ -161,7 +190,7 @@ class TierDefaults:
 
 _TIER_DEFAULTS = {
     ("real", False): TierDefaults(512, 30, 7.5, 4, 8),
-    ("real", True): TierDefaults(512, 20, 7.5, 2, 2),
+    ("real", True): TierDefaults(512, 10, 7.5, 2, 2),
     ("toy", False): TierDefaults(64, 25, 4.0, 16, 16),
     ("toy", True): TierDefaults(64, 10, 4.0, 8, 4),
     ("tiny", False): TierDefaults(32, 2, 4.0, 2, 2),
@@ -170,11 +199,21 @@ _TIER_DEFAULTS = {
 
 
 def tier_defaults(tier: str, quick: bool = False) -> TierDefaults:
-    """Defaults for ``tier`` (``"real"``, ``"toy"`` or ``"tiny"``); ``quick`` uses fewer steps and samples."""
+    """Defaults for ``tier`` (``"real"``, ``"toy"`` or ``"tiny"``); ``quick`` uses fewer steps and samples.
+
+    ``$PORTRAIT_STUDIO_RESOLUTION`` (``RESOLUTION_ENV``), when set, replaces the resolution: photos are prepared
+    and methods train at it (``make test-sd15`` sets 128 for its 128 px SD1.5; SD1.5 at 384 saves memory)."""
     try:
-        return _TIER_DEFAULTS[(tier, bool(quick))]
+        defaults = _TIER_DEFAULTS[(tier, bool(quick))]
     except KeyError:
         raise ValueError(f"Unknown model tier {tier!r}: use 'real', 'toy' or 'tiny' (see model_tier).") from None
+    value = os.environ.get(RESOLUTION_ENV, "").strip()
+    if not value:
+        return defaults
+    if not value.isdigit() or int(value) < 32 or int(value) % 8:
+        raise ValueError(f"${RESOLUTION_ENV}={value!r} is not a resolution: set it to pixels, a multiple of 8 "
+                         "and at least 32 (e.g. 128), or unset it for the tier's own.")
+    return replace(defaults, resolution=int(value))
 
 
 def _unavailable(ref: str) -> ModelUnavailable:
@@ -263,7 +302,7 @@ _TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, sample
 
 
 def build_tiny_pipeline(
-    seed: int = 0, *, sd15_shape: bool = False, device: str | torch.device = "cpu"
+    seed: int = 0, *, sd15_shape: bool = False, image_size: int = 512, device: str | torch.device = "cpu"
 ) -> StableDiffusionPipeline:
     """A random-weight ``StableDiffusionPipeline`` of SD1.5's classes, the same for the same ``seed``.
 
@@ -273,6 +312,8 @@ def build_tiny_pipeline(
 
     ``sd15_shape=True``: SD1.5's UNet, text encoder (768 x 12 layers) and VAE configurations, 512 px, about
     1.07 billion parameters (4.3 GB in float32): build it on ``device="meta"`` (shapes only, no memory) or a GPU.
+    ``image_size`` (px, a multiple of 8): its default output side, which changes no weight (the UNet's
+    ``sample_size`` is ``image_size / 8``); 128 px is CPU-sized (``ensure_sd15_test_pipeline``).
     Weights are initialised on the CPU under a forked RNG (the global RNG is untouched), then moved to ``device``;
     on ``"meta"`` they are never initialised.
     """
@@ -284,8 +325,8 @@ def build_tiny_pipeline(
 
     tokenizer = clip_tokenizer()
     text_cfg = _SD15_TEXT_ENCODER if sd15_shape else _TINY_TEXT_ENCODER
-    unet_cfg = sd15_unet_config() if sd15_shape else _TINY_UNET
-    vae_cfg = _SD15_VAE if sd15_shape else _TINY_VAE
+    unet_cfg = {**sd15_unet_config(), "sample_size": image_size // 8} if sd15_shape else _TINY_UNET
+    vae_cfg = {**_SD15_VAE, "sample_size": image_size} if sd15_shape else _TINY_VAE
     n_vae_blocks = len(vae_cfg["block_out_channels"])
     device = torch.device(device)
     build_on = device if device.type == "meta" else torch.device("cpu")
@@ -313,8 +354,9 @@ def build_tiny_pipeline(
     return pipe if device.type == "meta" else pipe.to(device)
 
 
-def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline for ``seed`` and save it to folder ``path`` (safetensors), atomically.
+def save_tiny_pipeline(path: str | Path, seed: int = 0, *, sd15_size: int | None = None) -> Path:
+    """Build the tiny pipeline for ``seed`` (``sd15_size``: SD1.5's architecture at that many px instead) and
+    save it to folder ``path`` (safetensors), atomically.
 
     The pipeline is written to a temporary sibling folder that is then renamed to ``path``, so ``path`` is
     either absent or complete. Raises ``FileExistsError`` if ``path`` already holds files.
@@ -324,8 +366,9 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the saved model is an ordinary readable folder
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(tmp / TINY_STAMP, {"seed": seed, "build": TINY_BUILD})
+        shape = {} if sd15_size is None else {"sd15_shape": True, "image_size": sd15_size}
+        build_tiny_pipeline(seed, **shape).save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(tmp / TINY_STAMP, _stamp(seed, sd15_size))
         try:
             os.rename(tmp, path)
         except OSError as err:

@@ -23,13 +23,19 @@ its own through ``CUDA_VISIBLE_DEVICES``), in the order they need: the notebooks
 at a time; a training notebook once the notebooks it reads (``NEEDS``, same seed) have finished; the rest (style
 transfer, evaluation, portrait) after every training notebook, one at a time. The results equal a sequential run's:
 every notebook is seeded and reads only what its ``NEEDS`` wrote.
+
+``--param STEPS=2`` (repeatable; ``make study PARAMS="STEPS=2 N_SAMPLES=1"``) injects a value (a Python literal,
+else a string) into every notebook whose parameters cell assigns that name, e.g. to shorten a run on a slow machine.
+The study ends with its time and the peak memory (RSS) of its largest notebook kernel.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -149,9 +155,29 @@ def prepare_once(store: Path, parameters: dict) -> Path:
 
 def study_options(args: argparse.Namespace, notebooks: list[Path]) -> dict:
     """What makes two studies the same study: the notebooks (their names and folder) and the injected options."""
-    return {"notebooks": [name for _, name, _ in study_jobs(notebooks, args.seeds)],
-            "folder": str(notebooks[0].parent), "quick": args.quick, "model": args.model, "seed": args.seed,
-            "seeds": args.seeds}
+    options = {"notebooks": [name for _, name, _ in study_jobs(notebooks, args.seeds)],
+               "folder": str(notebooks[0].parent), "quick": args.quick, "model": args.model, "seed": args.seed,
+               "seeds": args.seeds}
+    return options | ({"params": args.param} if args.param else {})
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """``"NAME=VALUE"`` -> ``(NAME, value)``: VALUE as a Python literal (``2``, ``None``, ``[1, 4]``), else the
+    string itself. ``argparse.ArgumentTypeError`` without a ``=`` or with a NAME that is not an identifier."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. STEPS=2)")
+    try:
+        return name, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return name, value.strip()
+
+
+def injected_params(jobs: list[tuple[Path, str, dict]], params: dict) -> list[tuple[Path, str, dict]]:
+    """``jobs`` with each of ``params`` added to the notebooks whose parameters cell assigns it."""
+    return [(nb, name, {**extra, **{k: v for k, v in params.items() if takes_parameter(nb, k)}})
+            for nb, name, extra in jobs]
 
 
 def takes_parameter(notebook: Path, name: str) -> bool:
@@ -233,9 +259,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=lambda v: [g.strip() for g in v.split(",") if g.strip()], default=None,
                    help="comma-separated CUDA device numbers, e.g. 0,1: the training notebooks run concurrently, one "
                         "per GPU, in the order they need (see NEEDS)")
+    p.add_argument("--param", type=parse_param, action="append", default=None, metavar="NAME=VALUE",
+                   help="inject VALUE (a Python literal, else a string) as NAME into every notebook whose parameters "
+                        "assign NAME; repeatable, e.g. --param STEPS=2 --param N_SAMPLES=1")
     p.add_argument("--fresh", action="store_true",
                    help="start a new study folder even if the newest one, with the same options, was interrupted")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.param = dict(args.param) if args.param else None
+    return args
 
 
 def run_job(notebook: Path, output: Path, parameters: dict, gpu: str | None = None) -> str | None:
@@ -346,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         parameters["SEED"] = args.seed
     print(f"Study folder: {study}", flush=True)
-    jobs = study_jobs(notebooks, args.seeds)
+    jobs = injected_params(study_jobs(notebooks, args.seeds), args.param or {})
     if args.gpus:
         return run_jobs(jobs, state, study, parameters, args.gpus, bool(args.seeds))
     for i, (notebook, name, extra) in enumerate(jobs, 1):
@@ -374,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         state["done"][name] = round(seconds, 1)
         atomic_write_json(study / STATE_FILE, state)
         print(f"ok in {seconds:.1f} s", flush=True)
-    print(f"All {len(jobs)} notebooks ran; results in {study}")
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    print(f"All {len(jobs)} notebooks ran in {sum(state['done'].values()):.0f} s (peak RSS of a notebook kernel: "
+          f"{peak_gb:.1f} GiB); results in {study}")
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,9 +28,10 @@ from nbutils.models import (
 from nbutils.runs import REPO_ROOT
 
 
-def fake_pipeline_folder(path, unet_sample_size, vae_blocks):
+def fake_pipeline_folder(path, unet_sample_size, vae_blocks, cross_attention_dim=64):
     """A folder with just the configs ``model_tier`` reads."""
-    for sub, cfg in (("unet", {"sample_size": unet_sample_size}), ("vae", {"block_out_channels": [8] * vae_blocks})):
+    unet = {"sample_size": unet_sample_size, "cross_attention_dim": cross_attention_dim}
+    for sub, cfg in (("unet", unet), ("vae", {"block_out_channels": [8] * vae_blocks})):
         (path / sub).mkdir(parents=True)
         (path / sub / "config.json").write_text(json.dumps(cfg))
     (path / "model_index.json").write_text("{}")
@@ -80,6 +82,27 @@ def test_model_tier_from_image_size(tmp_path):
     assert model_tier(str(fake_pipeline_folder(tmp_path / "a", 4, 4))) == "tiny"  # 4 * 8 = 32 px
     assert model_tier(str(fake_pipeline_folder(tmp_path / "b", 16, 3))) == "toy"  # 16 * 4 = 64 px
     assert model_tier(str(fake_pipeline_folder(tmp_path / "c", 64, 4))) == "real"  # 64 * 8 = 512 px
+    # SD1.5's width (768) at 128 px, as make test-sd15 runs it: the real tier's code paths, at a CPU's size
+    assert model_tier(str(fake_pipeline_folder(tmp_path / "d", 16, 4, cross_attention_dim=768))) == "real"
+    assert model_tier(str(fake_pipeline_folder(tmp_path / "e", 16, 4, cross_attention_dim=512))) == "toy"
+
+
+def test_resolution_override_replaces_only_the_resolution(monkeypatch):
+    monkeypatch.setenv(models.RESOLUTION_ENV, "128")
+    assert tier_defaults("real") == replace(models._TIER_DEFAULTS[("real", False)], resolution=128)
+    assert tier_defaults("toy", quick=True).resolution == 128
+    for bad in ("12O", "100", "16"):  # not a number, not a multiple of 8, too small
+        monkeypatch.setenv(models.RESOLUTION_ENV, bad)
+        with pytest.raises(ValueError, match="multiple of 8 and at least 32"):
+            tier_defaults("real")
+
+
+def test_sd15_shape_at_128_px_keeps_every_weight_of_the_512_px_one():
+    small, full = (build_tiny_pipeline(0, sd15_shape=True, image_size=size, device="meta") for size in (128, 512))
+    assert small.unet.config.sample_size == 16 and full.unet.config.sample_size == 64
+    for name in ("unet", "vae", "text_encoder"):
+        shapes = [{k: v.shape for k, v in getattr(p, name).state_dict().items()} for p in (small, full)]
+        assert shapes[0] == shapes[1], name
 
 
 def test_tier_defaults():

@@ -211,6 +211,36 @@ def test_job_needs_waits_for_the_same_seed_only(tmp_path):
     assert needs["08_eval.ipynb"] == {name for _, name, _ in jobs[:-1]}
 
 
+def test_param_reaches_only_the_notebooks_that_take_it_and_is_part_of_the_study_options(notebooks, tmp_path,
+                                                                                          monkeypatch):
+    write_notebook(notebooks / "03_steps.ipynb", "pass")
+    nb = nbformat.read(notebooks / "03_steps.ipynb", as_version=4)
+    nb.cells[0].source += "\nSTEPS = None\nRANKS = [1, 4]"
+    nbformat.write(nb, notebooks / "03_steps.ipynb")
+    calls = []
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params, **_: calls.append((nb.name, params)))
+    out = tmp_path / "runs"
+    argv = ["--notebooks", str(notebooks), "--out", str(out), "--only", "01,03", "--param", "STEPS=2",
+            "--param", "RANKS=[4]", "--param", "NAME=a b"]
+    assert run_study.main(argv) == 0
+    [study] = list(out.iterdir())
+    base = {"QUICK": False, "OUT_DIR": str(study)}
+    assert calls == [("01_ok.ipynb", base), ("03_steps.ipynb", base | {"STEPS": 2, "RANKS": [4]})]
+    assert json.loads((study / "study.json").read_text())["options"]["params"] == {"STEPS": 2, "RANKS": [4],
+                                                                                    "NAME": "a b"}
+    assert run_study.main(argv[:-2] + ["--param", "STEPS=3"]) == 0  # other values: another study
+    assert len(list(out.iterdir())) == 2
+    for bad in ("STEPS", "2=STEPS"):
+        with pytest.raises(SystemExit):
+            run_study.parse_args(["--param", bad])
+
+
+def test_make_test_sd15_runs_the_method_notebooks_on_the_random_sd15_at_128_px():
+    made = subprocess.run(["make", "-n", "test-sd15"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert "PORTRAIT_STUDIO_RESOLUTION=128" in made.stdout and "--model sd15-random" in made.stdout, made.stdout
+    assert "--only 01,02,03,04,05" in made.stdout and "--quick 1" in made.stdout
+
+
 def test_make_study_passes_fresh_through():
     made = subprocess.run(["make", "-n", "study", "FRESH=1", "QUICK=1", "MODEL=tiny"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
