@@ -5,7 +5,10 @@
   (``IdentityEmbedder``).
 * **CLIP-T / CLIP-I** (DreamBooth's text and image fidelity): mean cosine of CLIP embeddings, reported as raw cosines
   in [-1, 1], *not* in the ``100 * max(cos, 0)`` CLIPScore convention. Any ``CLIPModel`` by hub id or local folder.
-* **FID / KID / IS** through torchmetrics with an injected feature network (the toy evaluator's on the toy tier).
+* **DINO** (DreamBench's subject fidelity, real tier): mean cosine of self-supervised ViT-S/16 CLS embeddings,
+  generated x reference (``DinoScorer``).
+* **FID / KID / IS** through torchmetrics with an injected feature network: the toy evaluator's on the toy tier,
+  torchmetrics' own Inception on the real tier when torch-fidelity and its weights are there (``load_fid_inception``).
 * **Uncertainty**: ``bootstrap_ci``, a percentile bootstrap interval of a mean over images.
 * **Success rate** (toy tier): the share of images in which the attribute net reads the subject's true identity
   and the scene and style the prompt asked for (``success_per_image``); with the subject's true identity known,
@@ -15,14 +18,17 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import os
+import pickle
 import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import dlib
 import numpy as np
@@ -34,7 +40,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import (AutoImageProcessor, BaseImageProcessor, CLIPModel, CLIPTokenizer, ViTImageProcessorPil,
+                          ViTModel)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from nbutils import toyworld
 from nbutils.faces import centre_crop, detect_faces, face_model_path
@@ -42,6 +50,7 @@ from nbutils.models import ModelUnavailable, Tier
 from nbutils.prompts import strip_subject, toy_request
 
 REAL_CLIP = "openai/clip-vit-base-patch32"
+REAL_DINO = "facebook/dino-vits16"  # DreamBench's DINO metric: the self-supervised ViT-S/16 of Caron et al. 2021
 BATCH = 32  # images per forward pass of a CLIP or feature network
 NoFaceRule = Literal["zero", "skip"]
 BOOTSTRAP_RESAMPLES = 1000  # resamples of bootstrap_ci in evaluate_images
@@ -246,6 +255,69 @@ class ClipScorer:
         return (self.image_features(images) @ self.image_features(references).T).mean().item()
 
 
+# --------------------------------------------------------------------------------------------------- DINO
+class DinoScorer:
+    """DreamBench's DINO metric (DreamBooth, Ruiz et al. 2023, section 4.1): the average pairwise cosine similarity
+    of the ViT-S/16 DINO embeddings of generated and real images, over all generated x real pairs.
+
+    The embedding is the CLS token of the last layer (after its layer norm: ``last_hidden_state[:, 0]``), 384-D for
+    ViT-S/16. DINO is trained without labels to tell images apart, so unlike CLIP-I it separates subjects of one
+    class (two people, two dogs) and rewards the subject's own details; 1.0 only for identical embeddings.
+
+    ``model``: any ``ViTModel`` (``from_pretrained`` loads ``facebook/dino-vits16``; tests build one in code);
+    ``image_processor``: its preprocessing, by default that checkpoint's (resize to 224 x 224, bilinear, ImageNet
+    mean and std), with transformers' PIL backend, the same on every machine.
+    """
+
+    def __init__(
+        self, model: ViTModel, image_processor: BaseImageProcessor | None = None, *, name: str = "ViT built in code",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.image_processor = image_processor or ViTImageProcessorPil(image_mean=IMAGENET_DEFAULT_MEAN,
+                                                                       image_std=IMAGENET_DEFAULT_STD)
+
+    @classmethod
+    def from_pretrained(cls, model_ref: str | Path = REAL_DINO, device: str | torch.device = "cpu") -> DinoScorer:
+        """Load a ``ViTModel`` and its image processor by hub id or local folder, safetensors weights only (a
+        pickled ``pytorch_model.bin`` is never read). Raises ``ModelUnavailable`` when they cannot be loaded."""
+        try:
+            model = ViTModel.from_pretrained(model_ref, add_pooling_layer=False, use_safetensors=True)
+            processor = AutoImageProcessor.from_pretrained(model_ref, backend="pil")
+        except (OSError, ValueError) as err:
+            if Path(model_ref).is_dir():
+                fix = (f"the folder {str(model_ref)!r} is not a complete DINO folder: re-save it with ViTModel and "
+                       "its image processor's .save_pretrained (model.safetensors, as pickled weights are never "
+                       "loaded, and preprocessor_config.json)")
+            elif "safetensors" in str(err):
+                fix = (f"the hub repo {str(model_ref)!r} has no safetensors weights, and this project loads no "
+                       "pickled ones: pass a folder written by ViTModel.save_pretrained (model.safetensors)")
+            else:
+                fix = (f"DINO model {str(model_ref)!r} is neither a local folder nor in the Hugging Face cache: "
+                       f"download it once with network access (`hf download {model_ref}`) or pass its folder")
+            raise ModelUnavailable(f"{fix}.") from err
+        return cls(model, processor, name=str(model_ref), device=device)
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) float32 unit-length CLS embeddings on the CPU (D: the ViT's hidden size, 384 for ViT-S/16)."""
+        if not images:
+            raise ValueError("no images to embed")
+        feats = []
+        for start in range(0, len(images), BATCH):
+            batch = [image.convert("RGB") for image in images[start : start + BATCH]]
+            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            out = self.model(pixel_values=pixels.to(self.device, self.model.dtype))
+            feats.append(out.last_hidden_state[:, 0].float().cpu())
+        return F.normalize(torch.cat(feats), dim=-1)
+
+    def similarity(self, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
+        """DreamBench's DINO score: the mean cosine over all generated x reference pairs, in [-1, 1]."""
+        return (self.image_features(generated) @ self.image_features(references).T).mean().item()
+
+
 # --------------------------------------------------------------------------------------------------- FID, KID, IS
 def _input_size(net: nn.Module, image_size: int | None) -> int:
     size = image_size if image_size is not None else getattr(net, "image_size", None)
@@ -345,6 +417,65 @@ def distribution_metrics(
     if logits_net is not None:
         result.update(inception_score(fake_images, logits_net, image_size=image_size, seed=seed))
     return result
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' own FID network as a feature net: (B, 3, S, S) float images in [0, 1] -> (B, 2048) float32 pool
+    features of torch-fidelity's port of the TensorFlow InceptionV3 that defined FID.
+
+    Pixels go in as the 8-bit values they came from (rounded; torchmetrics' ``normalize=True`` truncates, which can
+    turn a 255 into 254); the network resizes them to 299 x 299 itself (bilinear, antialiased). ``image_size`` is
+    299, so ``network_outputs`` centre-crops and resizes each image to that first.
+    """
+
+    image_size = 299
+    num_features = 2048
+
+    def __init__(self, inception: nn.Module) -> None:
+        super().__init__()
+        self.inception = inception  # uint8 (B, 3, H, W) -> (B, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inception((x * 255).round().to(torch.uint8)).float()
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Within the block every ``torch.load`` uses torch's restricted unpickler (tensors and containers, no code),
+    even where its caller passes ``weights_only=False`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, read at each load)."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def load_fid_inception(device: str | torch.device = "cpu") -> InceptionFeatures:
+    """The network of torchmetrics' own ``FrechetInceptionDistance(feature=2048)`` (which KID shares), on ``device``.
+
+    torchmetrics takes it from torch-fidelity (which needs torchvision: Colab has both, ``pip install
+    torch-fidelity``), and torch-fidelity downloads its weights once from its GitHub release into
+    ``torch.hub.get_dir()``. That file is a pickled state dict, so it is read with torch's weights-only unpickler
+    (``_weights_only_loads``): tensors only, never code. ``distribution_metrics`` with this net computes what
+    torchmetrics' FID and KID compute on the same 299 px images. Raises ``ModelUnavailable`` when torch-fidelity is
+    missing or the weights cannot be downloaded or read.
+    """
+    try:
+        with _weights_only_loads():
+            metric = FrechetInceptionDistance(feature=2048)
+    except ModuleNotFoundError as err:
+        raise ModelUnavailable("torchmetrics' FID Inception comes from torch-fidelity, which is not installed: "
+                               "`pip install torch-fidelity` (it needs torchvision, as on Colab).") from err
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:  # no network; a damaged or unsafe file
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ModelUnavailable(f"torch-fidelity could not fetch or read its Inception weights ({err}): run once with "
+                               f"network access to github.com, which caches them in {cache} (delete a damaged file "
+                               "there first).") from err
+    return InceptionFeatures(metric.inception).to(device)
 
 
 # --------------------------------------------------------------------------------------------------- uncertainty
@@ -454,25 +585,36 @@ class EvalSuite:
     logits_net: nn.Module | None = None  # (B, 3, S, S) in [0, 1] -> (B, C) logits, for IS
     image_size: int | None = None  # S; None: the nets' own `image_size` attribute
     attributes: AttributeReader | None = None  # the toy attribute net, for the success rate (toy tier only)
+    dino: DinoScorer | None = None  # DreamBench's DINO (real tier)
+    tier: Tier | None = None  # the tier suite_for_tier built it for; "real" always reports DINO, None if missing
+
+    @property
+    def reports_dino(self) -> bool:
+        """Whether ``evaluate_images`` returns ``dino``/``dino_model``: with a DINO scorer, and on the real tier
+        always (``None`` when its model could not be loaded); the toy tier's results keep their keys."""
+        return self.dino is not None or self.tier == "real"
 
 
 def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
     """The evaluation models of a tier.
 
-    ``real``: dlib faces + ``openai/clip-vit-base-patch32`` (``None`` with a warning if it cannot be loaded) and no
-    FID/KID/IS network: the standard FID Inception weights exist only as a pickled ``.pth`` (via torch-fidelity),
-    which this project does not load; set ``suite.feature_net``/``suite.logits_net`` to a network of your choice.
+    ``real``: dlib faces, ``openai/clip-vit-base-patch32`` (CLIP-T, CLIP-I), DreamBench's DINO
+    (``facebook/dino-vits16``, ``DinoScorer``) and torchmetrics' own FID Inception as the FID/KID network
+    (``load_fid_inception``: needs torch-fidelity and, once, network access to fetch its weights); each one that
+    cannot be loaded is ``None``, with a warning that says how to get it, and its scores are ``None``. No IS network.
     ``toy``/``tiny``: the toy evaluators (``nbutils.toy_evaluators``), their attribute net as ``attributes``, and
-    the toy CLIP folder.
+    the toy CLIP folder; no DINO.
     """
     if tier == "real":
-        return EvalSuite(DlibFaceEmbedder(), _optional_clip(REAL_CLIP, device))
+        return EvalSuite(DlibFaceEmbedder(), _optional(lambda: ClipScorer(REAL_CLIP, device), "CLIP-T and CLIP-I"),
+                         _optional(lambda: load_fid_inception(device), "FID and KID"),
+                         dino=_optional(lambda: DinoScorer.from_pretrained(REAL_DINO, device), "DINO"), tier=tier)
     if tier in ("toy", "tiny"):
         from nbutils.toy_evaluators import SIZE, load_toy_evaluators  # lazy: needs the trained toy evaluators
 
         toy = load_toy_evaluators()
-        return EvalSuite(toy.identity, _optional_clip(toy.clip_ref, device), toy.feature_net, toy.logits_net, SIZE,
-                         attributes=toy.predict)
+        return EvalSuite(toy.identity, _optional(lambda: ClipScorer(toy.clip_ref, device), "CLIP-T and CLIP-I"),
+                         toy.feature_net, toy.logits_net, SIZE, attributes=toy.predict, tier=tier)
     raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
 
 
@@ -488,11 +630,16 @@ def identity_embedder_for_tier(tier: Tier) -> IdentityEmbedder:
     raise ValueError(f"unknown tier {tier!r}; choose 'real', 'toy' or 'tiny'")
 
 
-def _optional_clip(model_ref: str | Path, device: str | torch.device) -> ClipScorer | None:
+_Loaded = TypeVar("_Loaded")
+
+
+def _optional(load: Callable[[], _Loaded], scores: str) -> _Loaded | None:
+    """``load()``, or ``None`` with the warning "<scores> will be None: <why, and the fix>" if it raises
+    ``ModelUnavailable``."""
     try:
-        return ClipScorer(model_ref, device)
+        return load()
     except ModelUnavailable as err:
-        warnings.warn(f"CLIP-T and CLIP-I will be None: {err}", stacklevel=3)
+        warnings.warn(f"{scores} will be None: {err}", stacklevel=3)
         return None
 
 
@@ -511,8 +658,9 @@ def evaluate_images(
 
     Identity and CLIP-T are given overall and per prompt (``"per_prompt"``); CLIP-T compares each image with its
     prompt after ``strip_subject(prompt, subject_phrase, class_phrase)``. CLIP-I compares generated with reference
-    images. A metric whose model is missing from ``suite`` is ``None``, with a warning. See ``identity_similarity``
-    for ``no_face``.
+    images. DINO (``suite.reports_dino``: the real tier, or a suite given a ``DinoScorer``) is DreamBench's score
+    of generated against reference images (``DinoScorer.similarity``). A metric whose model is missing from
+    ``suite`` is ``None``, with a warning. See ``identity_similarity`` for ``no_face``.
 
     ``truth``: the subject's true toy-world identity (toy tier; ``nbutils.study.SubjectData.identity``), ``None``
     where it cannot be known (real photos, the real tier). With it, and the suite's attribute net, ``success_rate``
@@ -534,7 +682,8 @@ def evaluate_images(
     so that images of several runs can be pooled.
 
     Returns the keys of ``identity_similarity`` plus ``identity_model``, ``clip_model``, ``clip_t``, ``clip_i``,
-    ``identity_ci``, ``clip_t_ci`` (``[low, high]`` or ``None``), ``identity_per_image``, ``clip_t_per_image``
+    ``identity_ci``, ``clip_t_ci`` (``[low, high]`` or ``None``), ``dino_model`` and ``dino`` (only where
+    ``suite.reports_dino``; the toy tier's results have neither), ``identity_per_image``, ``clip_t_per_image``
     (lists of floats, ``None`` without CLIP), ``success_rate`` (in [0, 1] or ``None``), ``success_per_image``
     (``None`` without a success rate), ``fid``, ``kid_mean``, ``kid_std``, ``fid_references`` (``None`` without
     FID), ``is_mean``, ``is_std`` and ``per_prompt``: ``{prompt: {"identity", "detection_rate", "clip_t",
@@ -563,6 +712,11 @@ def evaluate_images(
         result["clip_t"] = clip_t.mean().item()
         result["clip_t_ci"] = bootstrap_ci(clip_t.tolist(), seed=seed)
         result["clip_i"] = (image_feats @ suite.clip.image_features(references).T).mean().item()
+    if suite.reports_dino and suite.dino is None:
+        warnings.warn("no DINO model in the suite: DINO is None", stacklevel=2)
+        result.update(dino_model=None, dino=None)
+    elif suite.reports_dino:
+        result.update(dino_model=suite.dino.name, dino=suite.dino.similarity(images, references))
 
     requests = [toy_request(p, subject_phrase) for p in prompts]
     success = None  # (N_generated,) bool or None per image
@@ -582,8 +736,8 @@ def evaluate_images(
 
     result.update(fid=None, kid_mean=None, kid_std=None, fid_references=None, is_mean=None, is_std=None)
     if suite.feature_net is None:
-        warnings.warn("no feature network in the suite (the real tier has none, see suite_for_tier): FID and KID "
-                      "are None", stacklevel=2)
+        warnings.warn("no feature network in the suite (on the real tier: torchmetrics' Inception did not load, see "
+                      "suite_for_tier's warning): FID and KID are None", stacklevel=2)
     else:
         fid_references, result["fid_references"] = references, "photos"
         if truth is not None and all(r is not None for r in requests):
