@@ -15,6 +15,7 @@ The VAE's downsampling differs (real and tiny 8x, toy 4x): read it from ``pipe.v
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -89,18 +90,27 @@ def _stamp(seed: int, sd15_size: int | None) -> dict:
     return stamp if sd15_size is None else {**stamp, "sd15_shape": True, "image_size": sd15_size}
 
 
+def _is_cache_current(folder: Path, sd15_size: int | None) -> bool:
+    """Whether ``folder`` holds the current build (its stamp) with every model's weights file."""
+    stamp = folder / TINY_STAMP
+    try:
+        current = is_pipeline_folder(folder) and json.loads(stamp.read_text()) == _stamp(0, sd15_size)
+    except (OSError, ValueError):
+        return False
+    return current and all(any((folder / part).glob("*.safetensors")) for part in ("unet", "vae", "text_encoder"))
+
+
 def _ensure_cached(folder: Path, sd15_size: int | None = None) -> Path:
     """``folder``, holding the random pipeline (seed 0) that ``save_tiny_pipeline`` builds; built on first use
-    and rebuilt when its stamp is not the current build's."""
-    stamp = folder / TINY_STAMP
-    if not (is_pipeline_folder(folder) and stamp.is_file()
-            and json.loads(stamp.read_text()) == _stamp(0, sd15_size)):
-        if folder.exists():  # built by an older version of build_tiny_pipeline, or damaged
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
+    and rebuilt when it is not the current build or lacks a weights file. Processes that need it at once (two
+    ranks of ``accelerate launch``, parallel tests) take turns on a lock file beside it: one builds, the others
+    wait and find it built."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not _is_cache_current(folder, sd15_size):
+            shutil.rmtree(folder, ignore_errors=True)  # an older build, or damaged
             save_tiny_pipeline(folder, seed=0, sd15_size=sd15_size)
-        except FileExistsError:  # another process saved it first
-            pass
     return folder
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -75,6 +78,23 @@ def test_stale_tiny_cache_is_rebuilt(tmp_tiny_dir):
     assert resolve_model("tiny") == str(tmp_tiny_dir)
     assert json.loads((tmp_tiny_dir / TINY_STAMP).read_text()) == {"seed": 0, "build": models.TINY_BUILD}
     assert (tmp_tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    for weights in (tmp_tiny_dir / "text_encoder").glob("*.safetensors"):
+        weights.unlink()  # damaged: the stamp is current but a model's weights are gone
+    assert resolve_model("tiny") == str(tmp_tiny_dir)
+    assert (tmp_tiny_dir / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_processes_that_need_the_cache_at_once_take_turns(tmp_path):
+    code = ("import sys; from pathlib import Path; from nbutils import models; "
+            "models.TINY_MODEL_DIR = Path(sys.argv[1]); "
+            "from nbutils.models import load_pipeline; load_pipeline('tiny', device='cpu'); print('loaded')")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    folder = tmp_path / "cache" / "tiny-sd"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 and out.strip().endswith("loaded") for p, (out, _) in zip(procs, outs)), outs
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".tiny-sd.lock", "tiny-sd"]  # no temporary left
 
 
 def test_model_tier_from_image_size(tmp_path):
