@@ -672,7 +672,7 @@ def evaluate_images(
     fresh render of the subject per generated image, in its prompt's scene and style (``toy_reference_renders``,
     drawn from ``seed``), so FID/KID measure how far the images are from the subject drawn as asked;
     else ``"photos"``, the ``references`` (a handful, so FID/KID are rough: compare them only between runs with
-    equal set sizes).
+    equal set sizes). FID and KID are ``None``, with a warning, when either set has fewer than 2 images.
 
     Uncertainty: ``identity_ci``/``clip_t_ci`` are 95 % percentile bootstrap intervals (``bootstrap_ci``,
     ``BOOTSTRAP_RESAMPLES`` resamples seeded by ``seed``) of the mean over the generated images, from
@@ -739,13 +739,17 @@ def evaluate_images(
         warnings.warn("no feature network in the suite (on the real tier: torchmetrics' Inception did not load, see "
                       "suite_for_tier's warning): FID and KID are None", stacklevel=2)
     else:
-        fid_references, result["fid_references"] = references, "photos"
+        fid_references, kind = references, "photos"
         if truth is not None and all(r is not None for r in requests):
             size = min(images[0].size)
             fid_references = toy_reference_renders(truth, requests, counts, size=size, seed=seed)
-            result["fid_references"] = "renders"
-        result.update(distribution_metrics(fid_references, images, suite.feature_net, image_size=suite.image_size,
-                                           seed=seed))
+            kind = "renders"
+        if min(len(fid_references), len(images)) < 2:
+            warnings.warn(f"FID and KID need at least 2 images per set, here {len(fid_references)} reference {kind} "
+                          f"and {len(images)} generated: they are None", stacklevel=2)
+        else:
+            result.update(fid_references=kind, **distribution_metrics(fid_references, images, suite.feature_net,
+                                                                      image_size=suite.image_size, seed=seed))
     if suite.logits_net is None:
         warnings.warn("no logits network in the suite: the Inception Score is None", stacklevel=2)
     else:

@@ -210,7 +210,7 @@ def test_fid_and_kid_through_torchmetrics_inception(fidelity):
 
 
 # --------------------------------------------------------------------------------------------------- the real suite
-@pytest.mark.filterwarnings("ignore:no logits network:UserWarning")
+@pytest.mark.filterwarnings("ignore:no (CLIP model|logits network):UserWarning")
 def test_real_suite_scores_dino_fid_and_kid(fidelity, monkeypatch, dino, astronaut, cat):
     offline(monkeypatch)
     monkeypatch.setattr(metrics, "REAL_CLIP", "portrait-studio-tests/no-such-clip")
@@ -230,6 +230,9 @@ def test_real_suite_scores_dino_fid_and_kid(fidelity, monkeypatch, dino, astrona
                                                                                                 "kid_std")}
     assert result["fid"] > 0 and result["fid_references"] == "photos" and result["is_mean"] is None
     assert result["identity_model"] == DlibFaceEmbedder.name and result["n_reference_faces"] == 2
+    with pytest.warns(UserWarning, match="at least 2 images per set, here 1 reference photos and 4 generated"):
+        one_photo = evaluate_images(generated, [astronaut], suite, subject_phrase="sks person")
+    assert one_photo["fid"] is None and one_photo["fid_references"] is None and one_photo["dino"] is not None
 
 
 def test_real_suite_offline_notes_and_none_scores(monkeypatch, astronaut):
