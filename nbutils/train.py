@@ -275,12 +275,25 @@ def list_checkpoints(run: Run) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
+def _flat(state: dict, prefix: str = "") -> dict:
+    """One parameter's optimizer state with nested dicts flattened to ``"outer/inner"`` keys."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def save_checkpoint(run: Run, method: Method, step: int, optimizer, lr_scheduler, scaler, cfg: TrainConfig, *,
                     train_s: float = 0.0) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically: a temporary sibling folder, then one rename.
 
     Holds ``method.weights_name`` (method tensors + ``save_metadata()``), ``optimizer.safetensors`` (AdamW moments
-    as ``"<param index>.<name>"``) and ``state.json`` (step, param groups, scheduler and grad-scaler state, config,
+    as ``"<param index>.<name>"``; 8-bit Adam's quantised moments and their scales too) and ``state.json`` (step,
+    param groups, the optimizer's per-parameter numbers that are not tensors, such as 8-bit Adam's step count,
+    scheduler and grad-scaler state, config,
     ``train_s``: wall seconds of training up to this step, callbacks excluded, summed over the sessions of a resumed
     run; ``files``: the byte size of each tensor file, which ``checkpoint_problem`` checks). A process killed before
     the rename leaves only a hidden ``.step-<step>.*`` folder, which no reader takes for a checkpoint.
@@ -291,10 +304,19 @@ def save_checkpoint(run: Run, method: Method, step: int, optimizer, lr_scheduler
         weights = {k: v.detach().float().contiguous().cpu() for k, v in method.state_dict_to_save().items()}
         atomic_write(tmp / method.weights_name, save(weights, metadata=method.save_metadata()))
         opt = optimizer.state_dict()
-        moments = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
+        per_param = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in _flat(s).items()}
+        moments, stored = {}, set()
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensor = value.detach().contiguous().cpu()
+                if tensor.untyped_storage().data_ptr() in stored:  # 8-bit Adam shares its quantisation maps
+                    tensor = tensor.clone()
+                stored.add(tensor.untyped_storage().data_ptr())
+                moments[key] = tensor
         atomic_write(tmp / OPTIMIZER_FILE, save(moments))
         files = {name: (tmp / name).stat().st_size for name in (method.weights_name, OPTIMIZER_FILE)}
         state = {"step": step, "method": method.name, "param_groups": opt["param_groups"],
+                 "optimizer_scalars": {k: v for k, v in per_param.items() if not torch.is_tensor(v)},
                  "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "config": asdict(cfg),
                  "train_s": round(train_s, 3), "files": files}
         atomic_write_json(tmp / STATE_FILE, state)
@@ -355,9 +377,13 @@ def load_checkpoint(method: Method, checkpoint: str | Path, optimizer=None, lr_s
     method.load_saved(load_file(checkpoint / method.weights_name))
     if optimizer is not None:
         moments: dict[int, dict] = {}
-        for key, value in load_file(checkpoint / OPTIMIZER_FILE).items():
+        for key, value in (load_file(checkpoint / OPTIMIZER_FILE) | state.get("optimizer_scalars", {})).items():
             index, name = key.split(".", 1)
-            moments.setdefault(int(index), {})[name] = value
+            *outer, last = name.split("/")
+            entry = moments.setdefault(int(index), {})
+            for part in outer:  # 8-bit Adam nests its quantisation state one level down
+                entry = entry.setdefault(part, {})
+            entry[last] = value
         optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])

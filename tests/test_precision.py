@@ -3,8 +3,11 @@ a GPU) trains every method's own tensors in float32 under autocast, and one opti
 frozen half-precision weights stay bit-identical."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nbutils.clip_bpe import VOCAB_SIZE
 from nbutils.dreambooth import DreamBooth
@@ -73,3 +76,26 @@ def test_a_half_precision_model_trains_float32_tensors_and_keeps_its_frozen_weig
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), f"{name}: one step changed nothing"
     now = frozen_weights(method.pipe)
     assert all(torch.equal(now[k], w) and now[k].dtype == w.dtype for k, w in frozen.items() if k in now)
+
+
+def test_eight_bit_adam_trains_dreambooth_with_one_byte_moments_and_resumes_exactly(dataset, tmp_run_dir):
+    bitsandbytes = pytest.importorskip("bitsandbytes")  # pinned in requirements.lock; its CPU build works here
+
+    def method():
+        return DreamBooth(build_tiny_pipeline(0), prior_loss_weight=0, optimizer="adamw8bit")
+
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, resolution=32, checkpoint_every=1)
+    straight = method()
+    assert isinstance(straight.make_optimizer(cfg), bitsandbytes.optim.AdamW8bit)
+    before = [p.detach().clone() for p in straight.trainable_parameters()]
+    train(straight, dataset, cfg, new_run("straight", {}, out_dir=tmp_run_dir))
+    after = straight.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)) and all(torch.isfinite(p).all() for p in after)
+    state = load_file(next((tmp_run_dir).rglob("step-1/optimizer.safetensors")))
+    assert any(v.dtype == torch.uint8 for v in state.values())  # the moments of the large tensors, in 8 bits
+
+    run = new_run("resumed", {}, out_dir=tmp_run_dir)
+    train(method(), dataset, replace(cfg, steps=1), run)  # stopped after step 1 ...
+    resumed = method()
+    train(resumed, dataset, cfg, run)  # ... and resumed from its checkpoint in a new process's stead
+    assert all(torch.equal(a, b) for a, b in zip(after, resumed.trainable_parameters()))
