@@ -67,7 +67,7 @@ test: venv
 # paths on a CPU (CLIP ViT-L-sized text encoder, 860M-parameter UNet, 8x VAE, dlib faces, gradient checkpointing,
 # the 8-bit Adam fallback). Shortened by SD15_PARAMS; it resumes like `make study`. Not part of `make test`.
 SD15_PARAMS ?= STEPS=2 CHECKPOINT_EVERY=2 N_SAMPLES=1 N_PER_IMAGE=1 SWEEP_RANKS=[4] N_CLASS_IMAGES=2 \
-	MIX_STEPS=1 N_MIX=1
+	MIX_STEPS=1 N_MIX=1 OPTIMIZER=adamw8bit
 
 test-sd15: venv
 	PORTRAIT_STUDIO_RESOLUTION=128 $(PY) scripts/run_study.py --quick 1 --model sd15-random --only 01,02,03,04,05 \
