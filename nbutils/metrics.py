@@ -458,8 +458,8 @@ def load_fid_inception(device: str | torch.device = "cpu") -> InceptionFeatures:
     """The network of torchmetrics' own ``FrechetInceptionDistance(feature=2048)`` (which KID shares), on ``device``.
 
     torchmetrics takes it from torch-fidelity (which needs torchvision: Colab has both, ``pip install
-    torch-fidelity``), and torch-fidelity downloads its weights once from its GitHub release into
-    ``torch.hub.get_dir()``. That file is a pickled state dict, so it is read with torch's weights-only unpickler
+    torch-fidelity``), and torch-fidelity downloads its weights once from its GitHub release into torch.hub's
+    ``checkpoints`` folder. That file is a pickled state dict, so it is read with torch's weights-only unpickler
     (``_weights_only_loads``): tensors only, never code. ``distribution_metrics`` with this net computes what
     torchmetrics' FID and KID compute on the same 299 px images. Raises ``ModelUnavailable`` when torch-fidelity is
     missing or the weights cannot be downloaded or read.
@@ -470,12 +470,21 @@ def load_fid_inception(device: str | torch.device = "cpu") -> InceptionFeatures:
     except ModuleNotFoundError as err:
         raise ModelUnavailable("torchmetrics' FID Inception comes from torch-fidelity, which is not installed: "
                                "`pip install torch-fidelity` (it needs torchvision, as on Colab).") from err
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:  # no network; a damaged or unsafe file
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise ModelUnavailable(f"torch-fidelity could not fetch or read its Inception weights ({err}): run once with "
-                               f"network access to github.com, which caches them in {cache} (delete a damaged file "
-                               "there first).") from err
+    except pickle.UnpicklingError as err:  # the weights-only unpickler met something other than tensors
+        raise ModelUnavailable(f"torch-fidelity's Inception weights file in {_hub_checkpoints()} holds more than "
+                               "tensors, so it was not loaded: delete it and let torch-fidelity download it again "
+                               "with network access to github.com.") from err
+    except (OSError, RuntimeError) as err:  # no network; a damaged file
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelUnavailable(f"torch-fidelity could not fetch or read its Inception weights ({why}): run once with "
+                               f"network access to github.com, which caches them in {_hub_checkpoints()} (delete a "
+                               "damaged file there first).") from err
     return InceptionFeatures(metric.inception).to(device)
+
+
+def _hub_checkpoints() -> Path:
+    """The folder where torch.hub, and so torch-fidelity, caches downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 # --------------------------------------------------------------------------------------------------- uncertainty

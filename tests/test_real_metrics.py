@@ -181,6 +181,35 @@ def test_inception_weights_that_cannot_be_fetched_are_a_note(fidelity, monkeypat
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the load
 
 
+class _MakesADirectory:
+    """Unpickling this runs code: it makes the directory ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_inception_weights_are_read_weights_only(fidelity, monkeypatch, tmp_path):
+    """torch-fidelity reads its weights file with ``torch.load(..., weights_only=False)``: under
+    ``load_fid_inception`` a file that would run code is refused instead, and nothing runs."""
+    evil, ran = tmp_path / "weights.pth", tmp_path / "code-ran"
+    torch.save({"conv.weight": torch.zeros(1), "payload": _MakesADirectory(str(ran))}, evil)
+
+    def read_like_torch_fidelity(self, *args, **kwargs):
+        nn.Module.__init__(self)
+        torch.load(evil, weights_only=False)
+
+    monkeypatch.setattr(FakeInception, "__init__", read_like_torch_fidelity)
+    with pytest.raises(ModelUnavailable, match="holds more than tensors, so it was not loaded: delete it"):
+        load_fid_inception()
+    assert not ran.exists()
+    # the same call outside the guard (on the test's own file) runs the payload: the check above can fail
+    torch.load(evil, weights_only=False)
+    assert ran.is_dir()
+
+
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning")
 def test_fid_and_kid_through_torchmetrics_inception(fidelity):
     """``distribution_metrics`` with ``load_fid_inception``'s net equals torchmetrics' own FID and KID on the same
