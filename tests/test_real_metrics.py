@@ -255,8 +255,7 @@ def test_real_suite_scores_dino_fid_and_kid(fidelity, monkeypatch, dino, astrona
     assert result["dino_model"] == dino.name
     assert result["dino"] == pytest.approx(dino.similarity(images, references), abs=1e-6)
     expected = distribution_metrics(references, images, suite.feature_net)
-    assert {k: result[k] for k in ("fid", "kid_mean", "kid_std")} == {k: expected[k] for k in ("fid", "kid_mean",
-                                                                                                "kid_std")}
+    assert all(result[k] == expected[k] for k in ("fid", "kid_mean", "kid_std"))
     assert result["fid"] > 0 and result["fid_references"] == "photos" and result["is_mean"] is None
     assert result["identity_model"] == DlibFaceEmbedder.name and result["n_reference_faces"] == 2
     with pytest.warns(UserWarning, match="at least 2 images per set, here 1 reference photos and 4 generated"):
@@ -289,8 +288,9 @@ def test_real_suite_offline_notes_and_none_scores(monkeypatch, astronaut):
 # --------------------------------------------------------------------------------------------------- the toy tier
 @pytest.mark.skipif(not (EVALUATOR_DIR / DETECTOR_FILE).exists(), reason="the toy evaluators are not trained yet "
                     "(make toy-evaluators)")
-@pytest.mark.filterwarnings("ignore:no logits network:UserWarning")
 def test_toy_suite_logs_nothing_new():
+    """The toy suite (the trained toy evaluators) returns exactly the keys it returned before DINO; a suite's DINO
+    slot adds two keys and changes no other value."""
     suite = metrics.suite_for_tier("toy")
     assert suite.dino is None and not suite.reports_dino and suite.feature_net is not None
     draw = random.Random(SEED)
