@@ -46,7 +46,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from nbutils import toyworld
 from nbutils.faces import centre_crop, detect_faces, face_model_path
-from nbutils.models import ModelUnavailable, Tier
+from nbutils.models import ModelUnavailable, Tier, hub_offline
 from nbutils.prompts import strip_subject, toy_request
 
 REAL_CLIP = "openai/clip-vit-base-patch32"
@@ -199,9 +199,10 @@ class ClipScorer:
         self.name = str(model_ref)
         self.device = torch.device(device)
         try:
-            self.model = CLIPModel.from_pretrained(model_ref, use_safetensors=True).eval().to(self.device)
-            self.tokenizer = CLIPTokenizer.from_pretrained(model_ref)
-            self.image_processor = AutoImageProcessor.from_pretrained(model_ref, backend="pil")
+            local = {"local_files_only": hub_offline()}
+            self.model = CLIPModel.from_pretrained(model_ref, use_safetensors=True, **local).eval().to(self.device)
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_ref, **local)
+            self.image_processor = AutoImageProcessor.from_pretrained(model_ref, backend="pil", **local)
         except (OSError, ValueError) as err:
             if Path(model_ref).is_dir():
                 fix = (f"the folder {self.name!r} is not a complete CLIP folder: re-save it with CLIPModel and "
@@ -284,8 +285,9 @@ class DinoScorer:
         """Load a ``ViTModel`` and its image processor by hub id or local folder, safetensors weights only (a
         pickled ``pytorch_model.bin`` is never read). Raises ``ModelUnavailable`` when they cannot be loaded."""
         try:
-            model = ViTModel.from_pretrained(model_ref, add_pooling_layer=False, use_safetensors=True)
-            processor = AutoImageProcessor.from_pretrained(model_ref, backend="pil")
+            local = {"local_files_only": hub_offline()}
+            model = ViTModel.from_pretrained(model_ref, add_pooling_layer=False, use_safetensors=True, **local)
+            processor = AutoImageProcessor.from_pretrained(model_ref, backend="pil", **local)
         except (OSError, ValueError) as err:
             if Path(model_ref).is_dir():
                 fix = (f"the folder {str(model_ref)!r} is not a complete DINO folder: re-save it with ViTModel and "

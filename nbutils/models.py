@@ -16,11 +16,14 @@ The VAE's downsampling differs (real and tiny 8x, toy 4x): read it from ``pipe.v
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -53,6 +56,24 @@ Tier = Literal["real", "toy", "tiny"]
 
 class ModelUnavailable(RuntimeError):
     """A model could not be found or downloaded; the message names the fix in one sentence."""
+
+
+@functools.cache
+def hub_offline() -> bool:
+    """Whether loaders should read only the local Hugging Face cache (``local_files_only=True``): when
+    ``HF_HUB_OFFLINE`` is set, or when the hub's host does not answer within 3 s (checked once per process).
+    Offline, a model that is not cached then fails at once instead of after huggingface_hub's five retries per
+    file (about 45 s for each model)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -248,7 +269,8 @@ def load_pipeline(
     device = pick_device(device)
     dtype = dtype or pick_dtype(device)
     ref = resolve_model(model, device)
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
+                  local_files_only=not Path(ref).is_absolute() and hub_offline())
     if Path(ref).is_absolute():
         if not is_pipeline_folder(ref):
             raise ModelUnavailable(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import warnings
 
 import huggingface_hub.constants
 import numpy as np
@@ -313,12 +314,16 @@ def test_evaluate_images_reports_missing_parts_as_none():
         evaluate_images(generated, toy_images(5, 3), EvalSuite(ColourEmbedder()), subject_phrase="<sks>")
 
 
-def test_real_suite_offline_keeps_dlib_and_drops_clip(monkeypatch):
+def test_real_suite_offline_keeps_dlib_and_drops_clip_dino_and_fid_with_one_warning_each(monkeypatch):
     offline(monkeypatch)
     monkeypatch.setattr(metrics, "REAL_CLIP", "portrait-studio-tests/no-such-clip")
-    with pytest.warns(UserWarning, match="CLIP-T and CLIP-I will be None"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         suite = metrics.suite_for_tier("real")
+    said = sorted(str(w.message).split(":")[0] for w in caught)
+    assert said == ["CLIP-T and CLIP-I will be None", "DINO will be None", "FID and KID will be None"], said
     assert isinstance(suite.identity, DlibFaceEmbedder) and suite.clip is None and suite.feature_net is None
+    assert suite.dino is None
     with pytest.raises(ValueError, match="unknown tier"):
         metrics.suite_for_tier("huge")
 

@@ -240,3 +240,24 @@ def test_sd15_shaped_pipeline_on_meta_device():
     assert pipe.text_encoder.config.hidden_size == 768 and pipe.text_encoder.config.num_hidden_layers == 12
     assert sum(p.numel() for p in pipe.text_encoder.parameters()) == 123_060_480  # CLIP ViT-L/14 text tower
     assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size * pipe.vae_scale_factor == 512
+
+
+def test_hub_offline_when_told_or_when_the_hub_does_not_answer(monkeypatch):
+    from huggingface_hub import constants
+
+    class Connection:
+        def close(self):
+            pass
+
+    def unreachable(address, timeout):
+        raise OSError("Name or service not known")
+
+    asked = []
+    for told, connect, expected in ((True, unreachable, True), (False, unreachable, True),
+                                    (False, lambda address, timeout: asked.append(address) or Connection(), False)):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", told)
+        monkeypatch.setattr(models.socket, "create_connection", connect)
+        models.hub_offline.cache_clear()
+        assert models.hub_offline() is expected
+    assert asked == [("huggingface.co", 443)]
+    models.hub_offline.cache_clear()
