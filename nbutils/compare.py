@@ -77,6 +77,7 @@ COLUMNS: dict[str, str] = {
     "clip_t_hi": "CLIP-T, 95 % interval high",
     "clip_t_sd": "CLIP-T, spread between seeds (sd)",
     "clip_i": "CLIP-I (cos) ↑",
+    "dino": "DINO (cos) ↑",
     "fid": "FID ↓",
     "kid_mean": "KID ↓",
     "is_mean": "IS ↑",
@@ -89,9 +90,11 @@ COLUMNS: dict[str, str] = {
 """A comparison row's keys (besides ``"method"``) and their labels; the scores come from the last checkpoint. The
 ``_lo``/``_hi`` columns are a 95 % percentile bootstrap interval of the mean over every generated image (pooled over
 the training seeds); ``_sd`` is the standard deviation of the per-seed means (``None`` for one seed); the success rate
-(toy tier) is the share of images whose every identity trait, scene and style are those asked for."""
+(toy tier) is the share of images whose every identity trait, scene and style are those asked for. ``_OPTIONAL``
+columns (DINO: the real tier's) appear in tables and CSV files only when some row has a value."""
 
-_SCORES = ("identity", "detection_rate", "success_rate", "clip_t", "clip_i", "fid", "kid_mean", "is_mean")
+_SCORES = ("identity", "detection_rate", "success_rate", "clip_t", "clip_i", "dino", "fid", "kid_mean", "is_mean")
+_OPTIONAL = ("dino",)
 _INTERVALS = ("identity", "clip_t")
 _COSTS = ("train_s", "peak_rss_mb", "peak_cuda_mb", "artifact_bytes", "trainable_params")
 
@@ -245,19 +248,25 @@ def comparison_rows(selection: Selection | Sequence[Selection]) -> list[dict]:
     return rows
 
 
+def _columns(rows: Sequence[dict]) -> list[str]:
+    """The ``COLUMNS`` keys shown for ``rows``: all but the ``_OPTIONAL`` ones that no row has a value for."""
+    return [k for k in COLUMNS if k not in _OPTIONAL or any(row.get(k) is not None for row in rows)]
+
+
 def table_markdown(rows: Sequence[dict]) -> str:
-    """``rows`` as a Markdown table: one column per row (method), one line per ``COLUMNS`` entry."""
+    """``rows`` as a Markdown table: one column per row (method), one line per shown ``COLUMNS`` entry."""
     if not rows:
         return "*No runs to compare.*"
-    return score_table({row["method"]: {COLUMNS[k]: row[k] for k in COLUMNS} for row in rows},
-                       keys=list(COLUMNS.values()))
+    keys = _columns(rows)
+    return score_table({row["method"]: {COLUMNS[k]: row.get(k) for k in keys} for row in rows},
+                       keys=[COLUMNS[k] for k in keys])
 
 
 def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write ``rows`` as CSV to ``path`` atomically (header: ``method`` and the ``COLUMNS`` keys; ``None`` is an
-    empty cell) and return the path."""
+    """Write ``rows`` as CSV to ``path`` atomically (header: ``method`` and the shown ``COLUMNS`` keys; ``None`` is
+    an empty cell) and return the path."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["method", *COLUMNS], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["method", *_columns(rows)], lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     path = repo_path(path)

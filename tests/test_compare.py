@@ -143,7 +143,7 @@ def test_rows_hold_base_model_and_final_scores_and_round_trip_through_csv(tmp_ru
     sel = select_runs(tmp_run_dir, quick=True, seed=0)
     rows = comparison_rows(sel)
     name = sel.runs["textual_inversion"].name
-    unlogged = dict.fromkeys(["success_rate", "identity_lo", "identity_hi", "identity_sd", "clip_t_lo",
+    unlogged = dict.fromkeys(["success_rate", "dino", "identity_lo", "identity_hi", "identity_sd", "clip_t_lo",
                               "clip_t_hi", "clip_t_sd"])  # no per-image scores, one seed
     assert rows[0] == {"method": BASE, "run": name, "steps": 0, "n_seeds": 1, "identity": 0.3,
                        "detection_rate": 1.0, "clip_t": 0.2, "clip_i": None, "fid": 9.0, "kid_mean": None,
@@ -157,12 +157,16 @@ def test_rows_hold_base_model_and_final_scores_and_round_trip_through_csv(tmp_ru
     path = write_csv(rows, tmp_path / "out" / "comparison.csv")
     with path.open(encoding="utf-8", newline="") as f:
         back = list(csv.DictReader(f))
-    assert list(back[0]) == ["method", *COLUMNS]
-    assert back == [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows]
+    assert list(back[0]) == ["method", *(k for k in COLUMNS if k != "dino")]  # no DINO logged: no DINO column
+    assert back == [{k: "" if v is None else str(v) for k, v in row.items() if k != "dino"} for row in rows]
 
     table = table_markdown(rows).splitlines()
     assert table[0] == "| score | base model | Textual Inversion |"
     assert "| identity (cos) ↑ | 0.3 | 0.5 |" in table and "| KID ↓ | n/a | 0.01 |" in table
+    assert not any(line.startswith("| DINO") for line in table)
+    real = [{**rows[0], "dino": 0.25}, rows[1]]  # the real tier logs DINO: the column appears
+    assert "| DINO (cos) ↑ | 0.25 | n/a |" in table_markdown(real).splitlines()
+    assert "dino" in next(csv.DictReader(write_csv(real, tmp_path / "real.csv").open(encoding="utf-8")))
 
 
 def test_a_run_whose_images_show_no_face_is_tabled_but_not_plotted(tmp_run_dir):
