@@ -187,6 +187,20 @@ def psnr_db(images: Sequence[Image.Image], references: Sequence[Image.Image]) ->
 
 
 # --------------------------------------------------------------------------------------------------- CLIP
+def _unit_features(images: Sequence[Image.Image], processor, model: nn.Module, device: torch.device,
+                   embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``embed`` over ``images`` in batches of ``BATCH``: each batch RGB, through ``processor`` (a transformers image
+    processor) to ``model``'s device and dtype; returns (N, D) float32 unit-length rows on the CPU."""
+    if not images:
+        raise ValueError("no images to embed")
+    feats = []
+    for start in range(0, len(images), BATCH):
+        batch = [image.convert("RGB") for image in images[start : start + BATCH]]
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
+        feats.append(embed(pixels.to(device, model.dtype)).float().cpu())
+    return F.normalize(torch.cat(feats), dim=-1)
+
+
 class ClipScorer:
     """CLIP-T and CLIP-I with any ``CLIPModel``, by hub id or local folder (loaded once, kept on ``device``).
 
@@ -216,15 +230,9 @@ class ClipScorer:
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, P) float32 unit-length CLIP image embeddings on the CPU (P: the model's projection size)."""
-        if not images:
-            raise ValueError("no images to embed")
-        feats = []
-        for start in range(0, len(images), BATCH):
-            batch = [image.convert("RGB") for image in images[start : start + BATCH]]
-            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
-            feats.append(out.pooler_output.float().cpu())  # transformers 5 returns a ModelOutput, not a tensor
-        return F.normalize(torch.cat(feats), dim=-1)
+        # transformers 5's get_image_features returns a ModelOutput, not a tensor
+        return _unit_features(images, self.image_processor, self.model, self.device,
+                              lambda pixels: self.model.get_image_features(pixel_values=pixels).pooler_output)
 
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -305,15 +313,8 @@ class DinoScorer:
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) float32 unit-length CLS embeddings on the CPU (D: the ViT's hidden size, 384 for ViT-S/16)."""
-        if not images:
-            raise ValueError("no images to embed")
-        feats = []
-        for start in range(0, len(images), BATCH):
-            batch = [image.convert("RGB") for image in images[start : start + BATCH]]
-            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            out = self.model(pixel_values=pixels.to(self.device, self.model.dtype))
-            feats.append(out.last_hidden_state[:, 0].float().cpu())
-        return F.normalize(torch.cat(feats), dim=-1)
+        return _unit_features(images, self.image_processor, self.model, self.device,
+                              lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
     def similarity(self, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
         """DreamBench's DINO score: the mean cosine over all generated x reference pairs, in [-1, 1]."""

@@ -6,8 +6,11 @@ tiny generation 10-50x slower (measured: 0.2 s with one thread, 2-15 s with two)
 """
 from __future__ import annotations
 
+import huggingface_hub.constants
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 torch.set_num_threads(1)
 
@@ -31,3 +34,22 @@ def tmp_run_dir(tmp_path):
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    """The public-domain astronaut photo of scikit-image: a real face (dlib finds it)."""
+    return Image.fromarray(skimage.data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def cat() -> Image.Image:
+    """scikit-image's cat photo: no human face."""
+    return Image.fromarray(skimage.data.chelsea())
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub offline mode (huggingface_hub reads HF_HUB_OFFLINE once, at import, so patch the constant too)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -6,10 +6,8 @@ import random
 import re
 import warnings
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
-import skimage.data
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
@@ -44,16 +42,6 @@ SEED = 0
 @pytest.fixture(scope="module")
 def dlib_faces() -> DlibFaceEmbedder:
     return DlibFaceEmbedder()
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    return Image.fromarray(skimage.data.astronaut())
-
-
-@pytest.fixture(scope="module")
-def cat() -> Image.Image:
-    return Image.fromarray(skimage.data.chelsea())
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +98,6 @@ class ColourEmbedder:
 
 def toy_images(seed: int, n: int, size: int = 32, **changes) -> list[Image.Image]:
     return [render(with_fields(p, **changes), size) for p in portraits(seed, n)]
-
-
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hub offline mode (huggingface_hub reads HF_HUB_OFFLINE once, at import, so patch the constant too)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 # --------------------------------------------------------------------------------------------------- identity (dlib)
@@ -180,8 +162,7 @@ def test_clip_text_path(clip):
         clip.clip_t(images, prompts + prompts[:1])
 
 
-def test_clip_unavailable_is_a_clear_error(monkeypatch, tmp_path):
-    offline(monkeypatch)
+def test_clip_unavailable_is_a_clear_error(offline, monkeypatch, tmp_path):
     with pytest.raises(ModelUnavailable, match=r"hf download portrait-studio-tests/no-such-clip"):
         ClipScorer("portrait-studio-tests/no-such-clip")
     with pytest.raises(ModelUnavailable, match="re-save it"):
@@ -314,8 +295,7 @@ def test_evaluate_images_reports_missing_parts_as_none():
         evaluate_images(generated, toy_images(5, 3), EvalSuite(ColourEmbedder()), subject_phrase="<sks>")
 
 
-def test_real_suite_offline_keeps_dlib_and_drops_clip_dino_and_fid_with_one_warning_each(monkeypatch):
-    offline(monkeypatch)
+def test_real_suite_offline_keeps_dlib_and_drops_clip_dino_and_fid_with_one_warning_each(offline, monkeypatch):
     monkeypatch.setattr(metrics, "REAL_CLIP", "portrait-studio-tests/no-such-clip")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

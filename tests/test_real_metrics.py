@@ -7,10 +7,8 @@ import os
 import random
 import urllib.error
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
-import skimage.data
 import torch
 import torch.nn.functional as F
 import torchmetrics.image.fid
@@ -44,22 +42,6 @@ def dino() -> DinoScorer:
     config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                        patch_size=16, image_size=224)
     return DinoScorer(ViTModel(config, add_pooling_layer=False))
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    return Image.fromarray(skimage.data.astronaut())
-
-
-@pytest.fixture(scope="module")
-def cat() -> Image.Image:
-    return Image.fromarray(skimage.data.chelsea())
-
-
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hub offline mode (huggingface_hub reads HF_HUB_OFFLINE once, at import, so patch the constant too)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def noise_images(n: int, seed: int, *, bright: float, size: int = 48) -> list[Image.Image]:
@@ -155,8 +137,7 @@ def test_dino_hub_repo_without_safetensors_is_a_note(monkeypatch):
         DinoScorer.from_pretrained("someone/dino")
 
 
-def test_dino_offline_is_a_note(monkeypatch, tmp_path):
-    offline(monkeypatch)
+def test_dino_offline_is_a_note(offline, monkeypatch, tmp_path):
     with pytest.raises(ModelUnavailable, match=r"hf download portrait-studio-tests/no-such-dino"):
         DinoScorer.from_pretrained("portrait-studio-tests/no-such-dino")
     (tmp_path / "config.json").write_text("{}")
@@ -240,8 +221,7 @@ def test_fid_and_kid_through_torchmetrics_inception(fidelity):
 
 # --------------------------------------------------------------------------------------------------- the real suite
 @pytest.mark.filterwarnings("ignore:no (CLIP model|logits network):UserWarning")
-def test_real_suite_scores_dino_fid_and_kid(fidelity, monkeypatch, dino, astronaut, cat):
-    offline(monkeypatch)
+def test_real_suite_scores_dino_fid_and_kid(offline, fidelity, monkeypatch, dino, astronaut, cat):
     monkeypatch.setattr(metrics, "REAL_CLIP", "portrait-studio-tests/no-such-clip")
     monkeypatch.setattr(DinoScorer, "from_pretrained", classmethod(lambda cls, ref, device="cpu": dino))
     with pytest.warns(UserWarning, match="CLIP-T and CLIP-I will be None"):
@@ -263,8 +243,7 @@ def test_real_suite_scores_dino_fid_and_kid(fidelity, monkeypatch, dino, astrona
     assert one_photo["fid"] is None and one_photo["fid_references"] is None and one_photo["dino"] is not None
 
 
-def test_real_suite_offline_notes_and_none_scores(monkeypatch, astronaut):
-    offline(monkeypatch)
+def test_real_suite_offline_notes_and_none_scores(offline, monkeypatch, astronaut):
     monkeypatch.setattr(metrics, "REAL_CLIP", "portrait-studio-tests/no-such-clip")
     monkeypatch.setattr(metrics, "REAL_DINO", "portrait-studio-tests/no-such-dino")
     monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", False)  # as here, whatever is installed
