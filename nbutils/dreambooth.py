@@ -481,13 +481,14 @@ def language_drift(
 def nearest_training_similarity(
     generated: Sequence[Image.Image],
     training: Sequence[Image.Image],
-    embed: Callable[[Sequence[Image.Image]], torch.Tensor],
+    embed: Callable[[Sequence[Image.Image]], torch.Tensor] | None,
 ) -> dict:
     """Overfitting to the training context, as similarity to the nearest training image.
 
     Each generated image (made for a recontextualisation prompt: a new place, outfit or style) is embedded with
-    ``embed`` (images -> (N, D) features, e.g. ``suite.clip.image_features`` or the toy feature network via
-    ``nbutils.metrics.network_outputs``) and compared, by cosine similarity, with every training photo; its score
+    ``embed`` (images -> (N, D) features, e.g. ``suite.image_features`` or the toy feature network via
+    ``nbutils.metrics.network_outputs``; ``None``, where no embedder could be loaded: NaN scores, with a warning)
+    and compared, by cosine similarity, with every training photo; its score
     is the highest one. A model that memorised its photos reproduces their background and pose whatever the prompt,
     so its mean score rises towards 1. For scale, ``training_baseline`` is the same score of each training photo
     against the *other* training photos (``None`` with fewer than two).
@@ -497,6 +498,12 @@ def nearest_training_similarity(
     """
     if not generated or not training:
         raise ValueError(f"Need generated and training images, got {len(generated)} and {len(training)}.")
+    if embed is None:
+        warnings.warn("No image embedder could be loaded (CLIP or DINO; offline?): the nearest-training "
+                      "similarity is NaN. Download one of them once with network access to measure it.", stacklevel=2)
+        nan = float("nan")
+        return {"nearest_similarity": nan, "per_image": [nan] * len(generated), "nearest_index": [-1] * len(generated),
+                "training_baseline": nan if len(training) > 1 else None}
     gen = F.normalize(embed(generated).float(), dim=-1)
     ref = F.normalize(embed(training).float(), dim=-1)
     best, index = (gen @ ref.T).max(dim=1)

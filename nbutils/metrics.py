@@ -606,6 +606,13 @@ class EvalSuite:
         always (``None`` when its model could not be loaded); the toy tier's results keep their keys."""
         return self.dino is not None or self.tier == "real"
 
+    @property
+    def image_features(self) -> Callable[[Sequence[Image.Image]], torch.Tensor] | None:
+        """An image embedder, images -> (N, D) unit-length features: CLIP's image tower, DINO's where CLIP could
+        not be loaded, ``None`` where neither could (the real tier offline)."""
+        scorer = self.clip or self.dino
+        return scorer.image_features if scorer is not None else None
+
 
 def suite_for_tier(tier: Tier, device: str | torch.device = "cpu") -> EvalSuite:
     """The evaluation models of a tier.

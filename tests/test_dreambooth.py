@@ -366,6 +366,10 @@ def test_nearest_training_similarity_finds_copies_of_training_photos(dataset):
     assert nearest_training_similarity([new], training[:1], centred_pixels)["training_baseline"] is None
     with pytest.raises(ValueError, match="Need generated and training images"):
         nearest_training_similarity([], training, centred_pixels)
+    with pytest.warns(UserWarning, match="No image embedder could be loaded"):
+        offline = nearest_training_similarity([training[1], new], training, None)  # the real tier offline
+    assert np.isnan(offline["nearest_similarity"]) and np.isnan(offline["training_baseline"])
+    assert len(offline["per_image"]) == 2 and offline["nearest_index"] == [-1, -1]
 
 
 def test_defaults_follow_the_tier():

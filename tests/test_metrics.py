@@ -320,6 +320,7 @@ def test_toy_suite_end_to_end(monkeypatch, tiny_clip_dir):
     monkeypatch.setattr(toy, "load_toy_evaluators", lambda: untrained)
     suite = metrics.suite_for_tier("toy")
     assert suite.image_size == toy.SIZE and suite.clip.name == str(tiny_clip_dir)
+    assert suite.image_features == suite.clip.image_features  # CLIP first, where it loads
     generated = {p.fill("sks person"): toy_images(i, 3, size=64) for i, p in enumerate(PROMPT_SETS["toy"][:2])}
     result = evaluate_images(generated, toy_images(9, 4, size=64), suite, subject_phrase="sks person")
     assert result["identity_model"] == "toy-identity" and result["detection_rate"] == 1.0

@@ -227,6 +227,7 @@ def test_real_suite_scores_dino_fid_and_kid(offline, fidelity, monkeypatch, dino
     with pytest.warns(UserWarning, match="CLIP-T and CLIP-I will be None"):
         suite = metrics.suite_for_tier("real")
     assert suite.dino is dino and isinstance(suite.feature_net, InceptionFeatures) and suite.reports_dino
+    assert suite.image_features == dino.image_features  # CLIP missing: DINO embeds images for the failure modes
     generated = {"a photo of sks person": [astronaut, cat], "sks person on the beach": [ImageOps.mirror(cat)] * 2}
     references = [astronaut, ImageOps.mirror(astronaut)]
     with pytest.warns(UserWarning, match="no CLIP model"):
@@ -255,6 +256,7 @@ def test_real_suite_offline_notes_and_none_scores(offline, monkeypatch, astronau
     assert any(n.startswith("FID and KID will be None: torchmetrics' FID Inception comes from torch-fidelity")
                for n in notes), notes
     assert suite.dino is None and suite.feature_net is None and suite.clip is None and suite.reports_dino
+    assert suite.image_features is None
     with pytest.warns(UserWarning) as warned:
         result = evaluate_images({"a photo of sks person": [astronaut] * 2}, [astronaut], suite,
                                  subject_phrase="sks person")
