@@ -487,11 +487,16 @@ def run_arm(arm: Arm, base_spec: dict, args: argparse.Namespace, index: int) -> 
     log = workdir / f"log-{index}.txt"
     try:
         with log.open("w") as out:
-            subprocess.run([python, str(Path(__file__).resolve()), "--child", str(spec_path)], env=env, stdout=out,
-                           stderr=subprocess.STDOUT, timeout=args.child_timeout, check=False)
+            code = subprocess.run([python, str(Path(__file__).resolve()), "--child", str(spec_path)], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=args.child_timeout,
+                                  check=False).returncode
         result = json.loads(Path(spec["result"]).read_text())
-    except (subprocess.TimeoutExpired, FileNotFoundError, json.JSONDecodeError) as err:
-        result = {"error": f"{type(err).__name__}: {err}"}
+    except subprocess.TimeoutExpired:
+        result = {"error": f"the child ran past --child-timeout ({args.child_timeout:g} s)"}
+    except FileNotFoundError:
+        result = {"error": f"the child exited with code {code} before it timed a step"}
+    except json.JSONDecodeError as err:
+        result = {"error": f"the child's result file is not JSON: {err}"}
     if not result.get("error") and len(result["intervals_s"]) == args.steps:
         return result | {"step_s": statistics.median(result["intervals_s"]),
                          "cpu_s": statistics.median(result["cpu_intervals_s"])}
@@ -519,7 +524,7 @@ def summarise(arms: list[Arm], runs: dict[Arm, list[dict]], peaks: dict[str, flo
     for arm in arms:
         done = [r for r in runs[arm] if "step_s" in r]
         row = {"setting": arm.setting, "arm": arm.label} | asdict(arm)
-        row["errors"] = [r for r in runs[arm] if "error" in r]
+        row["errors"] = [r for r in runs[arm] if r.get("error")]
         if done:
             row |= {"step_s": spread([r["step_s"] for r in done]), "cpu_s": spread([r["cpu_s"] for r in done]),
                     "peak_bytes": spread([r["peak_bytes"] for r in done]),
