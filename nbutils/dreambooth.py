@@ -491,7 +491,7 @@ def nearest_training_similarity(
     and compared, by cosine similarity, with every training photo; its score
     is the highest one. A model that memorised its photos reproduces their background and pose whatever the prompt,
     so its mean score rises towards 1. For scale, ``training_baseline`` is the same score of each training photo
-    against the *other* training photos (``None`` with fewer than two).
+    against the *other* training photos (NaN with fewer than two).
 
     Returns ``{"nearest_similarity" (mean), "per_image" (N floats), "nearest_index" (N ints into training),
     "training_baseline"}``.
@@ -503,11 +503,11 @@ def nearest_training_similarity(
                       "similarity is NaN. Download one of them once with network access to measure it.", stacklevel=2)
         nan = float("nan")
         return {"nearest_similarity": nan, "per_image": [nan] * len(generated), "nearest_index": [-1] * len(generated),
-                "training_baseline": nan if len(training) > 1 else None}
+                "training_baseline": nan}
     gen = F.normalize(embed(generated).float(), dim=-1)
     ref = F.normalize(embed(training).float(), dim=-1)
     best, index = (gen @ ref.T).max(dim=1)
-    baseline = None
+    baseline = float("nan")
     if len(ref) > 1:
         self_sim = (ref @ ref.T).fill_diagonal_(-float("inf"))
         baseline = self_sim.max(dim=1).values.mean().item()

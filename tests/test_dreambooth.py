@@ -98,6 +98,16 @@ def test_prior_term_is_the_denoising_loss_on_class_latents(dataset, class_set):
         torch.testing.assert_close(weighted.loss(batch), instance + 0.5 * class_term)
     assert class_term > 0.1 and abs(weighted.loss(batch).item() - instance.item()) > 0.05
 
+    def unet_grads(loss: torch.Tensor) -> torch.Tensor:
+        pipe.unet.zero_grad(set_to_none=True)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in pipe.unet.parameters()])
+
+    one_call = unet_grads(weighted.loss(batch))  # the UNet on instance + class latents concatenated
+    two_calls = unet_grads(diffusion_loss(pipe.unet, weighted.noise_scheduler, batch, encode(batch.captions))
+                           + 0.5 * diffusion_loss(pipe.unet, weighted.noise_scheduler, prior, encode([CLASS_PROMPT] * 2)))
+    assert ((one_call - two_calls).norm() / two_calls.norm()).item() < 1e-5 and two_calls.norm() > 0
+
     cached = class_latents(pipe, class_set, 32)
     assert prior.latents.shape == (2, 4, 4, 4) and prior.captions == [CLASS_PROMPT] * 2
     assert all(any(torch.equal(row, c) for c in cached) for row in prior.latents)  # real class latents
@@ -363,7 +373,7 @@ def test_nearest_training_similarity_finds_copies_of_training_photos(dataset):
     sims = feats @ feats.T
     expected = [max(sims[i, j].item() for j in range(3) if j != i) for i in range(3)]
     assert result["training_baseline"] == pytest.approx(sum(expected) / 3, abs=1e-6)
-    assert nearest_training_similarity([new], training[:1], centred_pixels)["training_baseline"] is None
+    assert np.isnan(nearest_training_similarity([new], training[:1], centred_pixels)["training_baseline"])
     with pytest.raises(ValueError, match="Need generated and training images"):
         nearest_training_similarity([], training, centred_pixels)
     with pytest.warns(UserWarning, match="No image embedder could be loaded"):
