@@ -26,7 +26,8 @@ backward, AdamW over every UNet weight (``nbutils.dreambooth.make_adamw``: torch
 full fine-tuning and nothing else), at the UNet batch of the method it is
 compared with (twice the batch for DreamBooth with prior preservation). ``x bare``: a method's step over the bare
 step of the same round and setting (median and range over rounds); ``x script``: likewise over the diffusers
-script's step. FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one loss and backward (matmuls,
+script's step, at the same setting without the switches that only change how the project computes
+(``IMPLEMENTATION``: ``compile`` is compared with the script as it ships). FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one loss and backward (matmuls,
 convolutions, attention; recomputation under gradient checkpointing counted; the optimizer's element-wise work
 not). ``of peak``: FLOPs / seconds per step / the device's peak, taken as the best rate of a dense matmul in the
 setting's compute dtype measured in the same run on the same threads.
@@ -72,6 +73,9 @@ of the diffusers repository); ``--diffusers-examples`` names a folder holding th
 SCRIPT_FLAGS = {"bf16": ["--mixed_precision", "bf16"], "fp16": ["--mixed_precision", "fp16"],
                 "ckpt": ["--gradient_checkpointing"], "adam8bit": ["--use_8bit_adam"]}
 """The scripts' own flags for the switches they have; a setting with any other switch runs no script."""
+IMPLEMENTATION = frozenset({"classic", "channels_last", "compile"})
+"""Switches that change how the project's step computes, not what: a method under them is compared with the script
+at the same setting without them (the script as it ships, at the same precision, batch and size)."""
 PROMPT = "a photo of sks person"
 PEAK_SIZE = {"cpu": 1024, "cuda": 8192}  # side of the square matmul that measures the device's peak
 
@@ -102,6 +106,15 @@ def parse_setting(setting: str) -> frozenset[str]:
     if {"bf16", "fp16"} <= switches:
         raise ValueError(f"Setting {setting!r} asks for both bf16 and fp16: pick one.")
     return switches
+
+
+def script_setting(setting: str) -> str | None:
+    """The setting of the script a method at ``setting`` is compared with: ``setting`` without the implementation
+    switches (``"bf16+compile"`` -> ``"bf16"``); ``None`` where another switch has no script flag."""
+    switches = parse_setting(setting) - IMPLEMENTATION
+    if not switches <= set(SCRIPT_FLAGS):
+        return None
+    return "+".join(sorted(switches)) or "base"
 
 
 def compute_dtype(switches: frozenset[str]) -> torch.dtype:
@@ -534,7 +547,8 @@ def summarise(arms: list[Arm], runs: dict[Arm, list[dict]], peaks: dict[str, flo
                 row["of_peak"] = row["flops"] / row["step_s"]["median"] / peak
         if arm.kind == "method":
             others = {"bare": Arm("bare", "", arm.unet_batch, arm.setting),
-                      "script": Arm("script", arm.method, arm.unet_batch, arm.setting)}
+                      "script": Arm("script", arm.method, arm.unet_batch, script_setting(arm.setting) or "")}
+            row["script_setting"] = script_setting(arm.setting)
             for name, other in others.items():
                 row[f"vs_{name}"] = paired_ratio(runs[arm], runs.get(other, []), "step_s")
                 row[f"vs_{name}_cpu"] = paired_ratio(runs[arm], runs.get(other, []), "cpu_s")
@@ -552,7 +566,9 @@ def print_table(rows: list[dict]) -> None:
     header = (f"{'arm':40} {'s/step [min-max]':>24} {'cpu s':>7} {'MiB':>6} {'GFLOP':>7} {'peak%':>6} "
               f"{'x bare [min-max]':>17} {'cpu':>5} {'x script [min-max]':>18} {'cpu':>5}")
     for setting in dict.fromkeys(row["setting"] for row in rows):
-        print(f"\nsetting {setting}\n{header}")
+        against = {row.get("script_setting") for row in rows if row["setting"] == setting} - {None, setting}
+        note = f" (x script: the scripts at setting {against.pop()})" if against else ""
+        print(f"\nsetting {setting}{note}\n{header}")
         for row in (r for r in rows if r["setting"] == setting):
             if "step_s" not in row:
                 print(f"{row['arm']:40} failed: {row['errors'][0]['error']}")

@@ -49,6 +49,12 @@ def test_arms_pair_every_method_with_a_bare_loop_at_its_unet_batch():
     assert ("script", "textual_inversion", 4) not in by_setting["channels_last"]  # no such flag in the scripts
 
 
+def test_implementation_switches_compare_with_the_script_as_it_ships():
+    assert benchmark.script_setting("compile") == "base"
+    assert benchmark.script_setting("ckpt+bf16+channels_last") == "bf16+ckpt"
+    assert benchmark.script_setting("bf16+uncached") is None  # no script has that switch
+
+
 def test_script_arguments_match_the_projects_step(tmp_path):
     spec = {"model": "tiny", "resolution": 32, "batch_size": 2, "warmup": 1, "steps": 3, "workdir": tmp_path,
             "instance_dir": "inst", "class_png_dir": "cls", "class_files": ["a.png", "b.png"],
