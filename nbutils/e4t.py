@@ -11,7 +11,7 @@ Two stages, one model:
        v = embedding("person") + scale * encoder(f)        # (D,), D = 768 on SD1.5, 64 on the toy tier
 
    The prompt names the subject by a placeholder (``<e4t> person``) whose input embedding is ``v``, the way
-   textual inversion injects its word (``nbutils.textual_inversion.encode_with_token_embeddings``). At the same
+   textual inversion injects its word (``nbutils.text.encode_with_token_rows``). At the same
    time the UNet's attention projections learn *weight offsets* shared by the whole domain: peft LoRA adapters on
    ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (``nbutils.lora.add_lora``), so they save in diffusers' LoRA format.
    The loss is the denoising loss on *another* photo of the reference's person (``domain.leave_one_out``: the
@@ -49,7 +49,7 @@ from torch import nn
 from nbutils.lora import LoRA, UNET_TARGETS
 from nbutils.lora import WEIGHTS_NAME as LORA_WEIGHTS_NAME, load_lora
 from nbutils.runs import REPO_ROOT, atomic_write, repo_path
-from nbutils.text import add_tokens, check_captions, encode_with_token_embeddings, single_token_id, tokenize
+from nbutils.text import add_tokens, check_captions, encode_with_token_rows, single_token_id, tokenize
 from nbutils.textual_inversion import WEIGHTS_NAME as TI_WEIGHTS_NAME, load_textual_inversion
 from nbutils.train import Batch, Method, TrainConfig, config_for_tier, diffusion_loss, encode_latents
 
@@ -170,16 +170,12 @@ def encode_with_subject_vectors(pipe: StableDiffusionPipeline, captions: Sequenc
     """The text encoder's last hidden state ``(B, 77, D)`` for ``captions``, the placeholder token ``token_id`` of
     caption ``b`` reading ``vectors[b]`` (``vectors``: ``(B, D)``, or ``(1, D)`` for all), differentiably.
 
-    The vectors are appended to the embedding matrix as extra rows and each caption's placeholder id is pointed at
-    its own row (``encode_with_token_embeddings``), so one batch holds many people. Captions without the
-    placeholder (the empty prompt) are encoded as they are.
+    Caption ``b``'s placeholder reads its own row (``encode_with_token_rows``), so one batch holds many people.
+    Captions without the placeholder (the empty prompt) are encoded as they are.
     """
-    ids = tokenize(pipe.tokenizer, captions).to(pipe.text_encoder.device)
-    weight = pipe.text_encoder.get_input_embeddings().weight
+    ids = tokenize(pipe.tokenizer, captions)
     vectors = vectors.expand(len(captions), -1) if len(vectors) == 1 else vectors
-    rows = weight.shape[0] + torch.arange(len(captions), device=ids.device)[:, None]
-    ids = torch.where(ids == token_id, rows, ids)
-    return encode_with_token_embeddings(pipe.text_encoder, ids, torch.cat([weight.detach(), vectors.to(weight)]))
+    return encode_with_token_rows(pipe.text_encoder, ids, torch.tensor([token_id]), vectors[:, None, :])
 
 
 # --------------------------------------------------------------------------------------------------- method

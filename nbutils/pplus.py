@@ -34,7 +34,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
-from nbutils.text import add_tokens, check_captions, copy_saved, encode_with_token_embeddings, single_token_id, tokenize
+from nbutils.text import add_tokens, check_captions, copy_saved, encode_with_token_rows, single_token_id, tokenize
 from nbutils.train import Method, TrainConfig, config_for_tier
 
 WEIGHTS_NAME = "pplus_embeds.safetensors"
@@ -103,17 +103,14 @@ def encode_pplus(
 ) -> torch.Tensor:
     """P+ conditioning (B, L * 77, D) for ``prompts``: block ``l`` is the prompt with ``token`` read as ``embeds[l]``.
 
-    ``embeds``: (L, D); gradients flow into it. One text-encoder call on an (L * B, 77) batch: the placeholder of
-    copy ``l`` gets id ``V + l``, a row appended after the encoder's V embedding rows.
+    ``embeds``: (L, D); gradients flow into it. One text-encoder call on an (L * B, 77) batch: copy ``l`` of the
+    prompts reads the placeholder as ``embeds[l]`` (``encode_with_token_rows``).
     """
-    text_encoder = pipe.text_encoder
-    weight = text_encoder.get_input_embeddings().weight
-    ids = tokenize(pipe.tokenizer, prompts).to(weight.device)
+    ids = tokenize(pipe.tokenizer, prompts)
     num_layers, (batch, length) = embeds.shape[0], ids.shape
-    layer_ids = weight.shape[0] + torch.arange(num_layers, device=ids.device).view(num_layers, 1, 1)
-    per_layer = torch.where(ids == single_token_id(pipe.tokenizer, token), layer_ids, ids)  # (L, B, 77)
-    extended = torch.cat([weight.detach(), embeds.to(weight)])
-    hidden = encode_with_token_embeddings(text_encoder, per_layer.reshape(num_layers * batch, length), extended)
+    rows = embeds[:, None, None, :].expand(num_layers, batch, 1, embeds.shape[1]).reshape(num_layers * batch, 1, -1)
+    token_id = torch.tensor([single_token_id(pipe.tokenizer, token)])
+    hidden = encode_with_token_rows(pipe.text_encoder, ids.repeat(num_layers, 1), token_id, rows)
     return hidden.view(num_layers, batch, length, -1).transpose(0, 1).reshape(batch, num_layers * length, -1)
 
 

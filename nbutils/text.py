@@ -2,7 +2,7 @@
 tokens added to the tokenizer with their embedding rows, and prompts encoded with some rows swapped.
 
 Textual inversion, P+, E4T and the combinations inject learned rows through ``add_tokens`` and
-``encode_with_token_embeddings``; LoRA, SVDiff and DreamBooth encode their captions once with ``encode_captions``.
+``encode_with_token_rows``; LoRA, SVDiff and DreamBooth encode their captions once with ``encode_captions``.
 Every method module imports these from here, none from a sibling method.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from torch.func import functional_call
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -78,13 +77,30 @@ def add_tokens(pipe: StableDiffusionPipeline, tokens: Sequence[str], rows: torch
     return ids
 
 
-def encode_with_token_embeddings(text_encoder, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden state (B, S, D) for ``input_ids`` (B, S), reading token embeddings from
-    ``weight`` (V', D) instead of its own matrix. Gradients flow into ``weight``; the encoder is not modified.
-    ``weight`` may have more rows than the encoder's matrix (``nbutils.pplus`` appends per-layer rows)."""
-    embedding = text_encoder.get_input_embeddings().weight
-    name = next(n for n, p in text_encoder.named_parameters() if p is embedding)
-    return functional_call(text_encoder, {name: weight}, (input_ids.to(embedding.device),)).last_hidden_state
+def encode_with_token_rows(
+    text_encoder, input_ids: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """The text encoder's last hidden state (B, S, D) for ``input_ids`` (B, S), token ``token_ids[k]`` (K,) read as
+    ``rows[k]`` (rows: (K, D)), or in sequence ``b`` as ``rows[b, k]`` (rows: (B, K, D)), instead of its own row.
+
+    Gradients flow into ``rows`` only. The encoder's embedding matrix is read, never copied or differentiated (a
+    forward hook on its token embedding swaps the looked-up vectors), so a step costs no (V, D) gradient; the
+    encoder is not modified.
+    """
+    embedding = text_encoder.get_input_embeddings()
+    input_ids = input_ids.to(embedding.weight.device)
+    rows = rows.to(embedding.weight.dtype)
+    rows = rows.expand(len(input_ids), -1, -1) if rows.dim() == 2 else rows
+    match = (input_ids[..., None] == token_ids.to(input_ids.device)).to(rows.dtype)  # (B, S, K)
+
+    def swap(module, args, looked_up):  # looked_up: (B, S, D)
+        return torch.where(match.sum(-1, keepdim=True) > 0, torch.bmm(match, rows), looked_up.detach())
+
+    handle = embedding.register_forward_hook(swap)
+    try:
+        return text_encoder(input_ids).last_hidden_state
+    finally:
+        handle.remove()
 
 
 def with_placeholder(

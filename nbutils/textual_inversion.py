@@ -3,9 +3,9 @@
 The concept gets a placeholder token (``<sks>``; with N vectors the tokens ``<sks>``, ``<sks>_1``, ...,
 ``<sks>_{N-1}``, diffusers' multi-vector convention) added to the tokenizer. Its N embedding rows start from an
 init word ("person") and are the only numbers that train: an ``(N, D)`` tensor (``D`` = 768 on SD1.5).
-The text encoder reads them through its own embedding matrix, in which the placeholder rows are swapped for the
-trainable tensor (``torch.func.functional_call``), so every other row, the text encoder, the UNet and the VAE stay
-exactly as they were. Weights are saved as ``learned_embeds.safetensors`` ``{placeholder: (N, D)}``, the format
+The text encoder reads the placeholder tokens from the trainable tensor instead of its own embedding matrix
+(``nbutils.text.encode_with_token_rows``), so every other row, the text encoder, the UNet and the VAE stay exactly as
+they were. Weights are saved as ``learned_embeds.safetensors`` ``{placeholder: (N, D)}``, the format
 ``pipe.load_textual_inversion`` reads.
 
 The helpers that add tokens and encode prompts with swapped rows are in ``nbutils.text``, shared with P+ and E4T.
@@ -19,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from nbutils.text import add_tokens, check_captions, copy_saved, encode_with_token_embeddings, single_token_id, tokenize
+from nbutils.text import add_tokens, check_captions, copy_saved, encode_with_token_rows, single_token_id, tokenize
 from nbutils.train import Method, TrainConfig, config_for_tier
 
 WEIGHTS_NAME = "learned_embeds.safetensors"
@@ -57,9 +57,7 @@ class TextualInversion(Method):
         tokenizer = self.pipe.tokenizer
         check_captions(tokenizer, captions, int(self.token_ids[0]), self.placeholder)
         ids = tokenize(tokenizer, self.pipe.maybe_convert_prompt(list(captions), tokenizer))
-        weight = self.pipe.text_encoder.get_input_embeddings().weight
-        swapped = weight.detach().index_put((self.token_ids,), self.embeds.to(weight.dtype))
-        return encode_with_token_embeddings(self.pipe.text_encoder, ids, swapped)
+        return encode_with_token_rows(self.pipe.text_encoder, ids, self.token_ids, self.embeds)
 
     def after_step(self) -> None:
         """Copy the learned rows into the text encoder, so ``pipe(...)`` uses them (e.g. in sampling callbacks)."""

@@ -15,7 +15,7 @@ from nbutils.e4t import (PLACEHOLDER, WEIGHTS_NAME, E4T, E4TConfig, E4TPersonali
 from nbutils.models import build_tiny_pipeline, ensure_tiny_pipeline
 from nbutils.runs import REPO_ROOT, new_run
 from nbutils.sampling import generate
-from nbutils.text import encode_with_token_embeddings, tokenize
+from nbutils.text import tokenize
 from nbutils.toy_evaluators import TOY_CLIP_DIR
 from nbutils.train import Batch, TrainConfig, train
 
@@ -58,16 +58,19 @@ def test_features_offset_and_text_shapes():
     assert vectors.shape == offsets.shape == (3, 32)  # the tiny text encoder's width
     assert torch.equal(offsets, torch.zeros(3, 32))  # the output layer starts at zero: the class word itself
     assert torch.equal(vectors[0], method.class_embedding)
-    # each caption's placeholder reads its own row: the same as textual inversion's swap of that one row
+    # each caption's placeholder reads its own row: the same as that row written into the encoder's matrix
     captions = [f"a photo of {PLACEHOLDER} person", f"a sketch of {PLACEHOLDER} person"]
     rows = torch.randn(2, 32)
     text = encode_with_subject_vectors(method.pipe, captions, method.token_id, rows)
     assert text.shape == (2, 77, 32)
-    weight = method.pipe.text_encoder.get_input_embeddings().weight.detach()
+    encoder = method.pipe.text_encoder
+    weight = encoder.get_input_embeddings().weight
+    kept = weight[method.token_id].detach().clone()
     for b in range(2):
-        swapped = weight.index_put((torch.tensor([method.token_id]),), rows[b:b + 1])
-        alone = encode_with_token_embeddings(method.pipe.text_encoder, tokenize(method.pipe.tokenizer, captions[b:b + 1]),
-                                             swapped)
+        with torch.no_grad():
+            weight[method.token_id] = rows[b]
+            alone = encoder(tokenize(method.pipe.tokenizer, captions[b:b + 1])).last_hidden_state
+            weight[method.token_id] = kept
         torch.testing.assert_close(text[b], alone[0])
 
 
