@@ -424,22 +424,26 @@ def prepare_model(model: str, device: torch.device, cache: Path) -> str:
     return str(folder)
 
 
-def prepare_data(model_ref: str, device: torch.device, resolution: int, n_class: int, workdir: Path) -> dict:
-    """The images every arm trains on, as files: the toy subject's photos rendered at ``resolution``
-    (``workdir/instance``) and ``n_class`` class images drawn by the model (2 sampling steps; their content does
-    not matter here) in ``workdir/class`` (with the cache files of ``ensure_class_images``) and, as bare PNGs for
-    the scripts, ``workdir/class-png``. Returns the spec entries that name them."""
+def prepare_data(model_ref: str, device: torch.device, resolution: int, batch: int, workdir: Path) -> dict:
+    """The images every arm trains on, as files: photos of the toy subject rendered at ``resolution``
+    (``workdir/instance``; at least 5, rounded up to a multiple of ``batch``) and ``2 * batch`` class images drawn
+    by the model (2 sampling steps; their content does not matter here) in ``workdir/class`` (with the cache files
+    of ``ensure_class_images``) and, as bare PNGs for the scripts, ``workdir/class-png``. Returns the spec entries
+    that name them.
+
+    Whole batches only: diffusers' DreamBooth scripts keep a data loader's short last batch, so 5 photos at batch 4
+    would give them steps of 4 and 1 images and time them at a smaller mean batch than the project's loops."""
     from nbutils.dreambooth import CLASS_PROMPT, ensure_class_images
     from nbutils.models import load_pipeline
     from nbutils.toyworld import TOY_SUBJECT, portraits, render
 
     instance = workdir / "instance"
     instance.mkdir(parents=True)
-    for i, person in enumerate(portraits(0, 5, identity=TOY_SUBJECT)):
+    for i, person in enumerate(portraits(0, batch * math.ceil(5 / batch), identity=TOY_SUBJECT)):
         render(person, resolution).save(instance / f"{i:02d}.png")
     pipe = load_pipeline(model_ref, device=device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    classes = ensure_class_images(pipe, n_class, steps=2, guidance_scale=1.0, model=model_ref,
+    classes = ensure_class_images(pipe, 2 * batch, steps=2, guidance_scale=1.0, model=model_ref,
                                   resolution=resolution, cache_dir=workdir / "class")
     del pipe
     pngs = workdir / "class-png"
@@ -650,7 +654,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         base_spec = {"model": model_ref, "resolution": resolution, "batch_size": batch, "warmup": args.warmup,
                      "steps": args.steps, "threads": threads, "device": device.type, "workdir": workdir}
-        base_spec |= prepare_data(model_ref, device, resolution, 2 * batch, workdir)
+        base_spec |= prepare_data(model_ref, device, resolution, batch, workdir)
         dtypes = sorted({compute_dtype(parse_setting(s)) for s in settings}, key=str)
         peaks = {str(dtype): matmul_peak(device, dtype) for dtype in dtypes}
         print(f"{len(arms)} arms x {args.runs} runs on {device.type} ({threads or 'default'} threads), "

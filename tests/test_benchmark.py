@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from nbutils.runs import REPO_ROOT
 
@@ -67,6 +69,15 @@ def test_script_arguments_match_the_projects_step(tmp_path):
     assert flags["--num_class_images"] == "2" and flags["--class_data_dir"] == "cls"
     assert "--with_prior_preservation" in argv and "--gradient_checkpointing" in argv
     assert argv[len(argv) - 1 - argv[::-1].index("--mixed_precision") + 1] == "bf16"  # the last one wins
+
+
+def test_the_scripts_get_whole_batches_of_photos_and_class_images(tmp_path):
+    """diffusers' DreamBooth scripts keep a short last batch: 5 photos at batch 4 would time steps of 4 and 1."""
+    model = benchmark.prepare_model("tiny", torch.device("cpu"), tmp_path / "cache")
+    for batch, photos in ((4, 8), (2, 6), (1, 5)):
+        spec = benchmark.prepare_data(model, torch.device("cpu"), 32, batch, tmp_path / f"data-{batch}")
+        assert len(list(Path(spec["instance_dir"]).glob("*.png"))) == photos
+        assert len(spec["class_files"]) == len(list(Path(spec["class_png_dir"]).glob("*.png"))) == 2 * batch
 
 
 def test_unknown_method_and_incomplete_examples_folder_are_clear_errors(tmp_path, capsys):
