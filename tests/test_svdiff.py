@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save
 from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
 
 from nbutils.models import build_tiny_pipeline, sd15_unet_config
 from nbutils.runs import atomic_write, new_run
 from nbutils.svdiff import (
+    SpectralShift,
     SVDiff,
+    add_spectral_shifts,
     default_config,
     load_svdiff,
     matrix_shape,
@@ -99,6 +103,46 @@ def test_a_shifted_weight_is_u_relu_sigma_plus_delta_v():
         torch.testing.assert_close(module.weight, paper, atol=1e-5, rtol=1e-4)
         assert torch.linalg.matrix_rank(module.weight.reshape(32, -1)) == 28
         assert not torch.allclose(module.weight, original, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer, x", [
+    (torch.nn.Linear(24, 40), torch.randn(2, 7, 24)),
+    (torch.nn.Conv2d(6, 16, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)),
+    (torch.nn.Conv2d(16, 8, 1), torch.randn(1, 16, 5, 5)),
+])
+def test_the_factored_path_gives_the_shifted_layers_output_and_gradients(layer, x):
+    """Adding ``change_of_output`` to the base layer's output equals the layer with the shifted weight formed: the
+    output and the shifts' gradients, for a linear layer and strided, padded and 1 x 1 convolutions."""
+    torch.manual_seed(0)
+    shift = add_spectral_shifts({"layer": layer})["layer"]
+    with torch.no_grad():
+        shift.delta.copy_(torch.randn_like(shift.delta) * shift.S)
+    grads, outputs = {}, {}
+    for factored in (False, True):
+        with mock.patch.object(SpectralShift, "factored_is_cheaper", return_value=factored):
+            shift.delta.grad = None
+            outputs[factored] = layer(x)
+            outputs[factored].square().sum().backward()
+            grads[factored] = shift.delta.grad.clone()
+        assert not shift.factored  # the path ends with the call: layer.weight read elsewhere is the shifted one
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-4, rtol=1e-4)
+    assert grads[True].abs().sum() > 0
+
+
+def test_each_call_takes_the_cheaper_path():
+    """A wide layer at a few positions adds the factored change; at many positions, or inside
+    ``parametrize.cached()``, it forms the shifted weight."""
+    wide = torch.nn.Conv2d(128, 128, 3, padding=1)
+    shift = add_spectral_shifts({"wide": wide})["wide"]
+    few, many = torch.randn(1, 128, 2, 2), torch.randn(4, 128, 64, 64)
+    assert shift.factored_is_cheaper(wide, few) and not shift.factored_is_cheaper(wide, many)
+    with torch.no_grad():
+        assert shift.factored_is_cheaper(wide, few)
+        with parametrize.cached():
+            assert not shift.factored_is_cheaper(wide, few)
+    grouped = torch.nn.Conv2d(8, 8, 3, groups=2)
+    assert not add_spectral_shifts({"g": grouped})["g"].factored_is_cheaper(grouped, torch.randn(1, 8, 3, 3))
 
 
 def test_only_the_shifts_train_and_the_base_model_stays_bit_identical(tmp_run_dir, dataset):
@@ -190,6 +234,25 @@ def test_sd15_has_222_696_shifts_under_a_megabyte():
     zeros = {name: torch.zeros(min(shape)) for name, shape in shapes.items()}
     size = len(save(zeros, metadata=shifts_metadata(shapes, "sd15", "0" * 64)))
     assert 222_696 * 4 < size < 1.0e6, size  # 0.89 MB of shifts plus the header (LoRA rank 4: 3.2 MB)
+
+
+def test_on_sd15_at_512_px_the_cheaper_path_halves_a_training_steps_flops():
+    """FLOPs of one forward and backward (batch 1, 64 x 64 latents) counted on the meta device: forming every
+    shifted weight costs 2.6x a full fine-tuning step, taking the cheaper path per layer 1.3x."""
+    def step_flops(unet) -> float:
+        with FlopCounterMode(display=False) as counter:
+            latents, text = torch.zeros(1, 4, 64, 64, device="meta"), torch.zeros(1, 77, 768, device="meta")
+            unet(latents, torch.tensor([10], device="meta"), text).sample.sum().backward()
+        return counter.get_total_flops()
+
+    full_fine_tuning = step_flops(build_tiny_pipeline(sd15_shape=True, device="meta").unet)
+    unet = build_tiny_pipeline(sd15_shape=True, device="meta").unet.requires_grad_(False)
+    add_spectral_shifts(spectral_layers(unet, "unet"))
+    cheaper = step_flops(unet)
+    with mock.patch.object(SpectralShift, "factored_is_cheaper", return_value=False):
+        formed = step_flops(unet)
+    assert 2.3e12 < full_fine_tuning < 2.5e12
+    assert formed > 2.5 * full_fine_tuning and cheaper < 1.35 * full_fine_tuning
 
 
 def test_defaults_follow_the_tier():
