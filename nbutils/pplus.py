@@ -108,7 +108,7 @@ def encode_pplus(
     """
     ids = tokenize(pipe.tokenizer, prompts)
     num_layers, (batch, length) = embeds.shape[0], ids.shape
-    rows = embeds[:, None, None, :].expand(num_layers, batch, 1, embeds.shape[1]).reshape(num_layers * batch, 1, -1)
+    rows = embeds.repeat_interleave(batch, dim=0)[:, None, :]  # (L * B, 1, D): copy l's prompts read embeds[l]
     token_id = torch.tensor([single_token_id(pipe.tokenizer, token)])
     hidden = encode_with_token_rows(pipe.text_encoder, ids.repeat(num_layers, 1), token_id, rows)
     return hidden.view(num_layers, batch, length, -1).transpose(0, 1).reshape(batch, num_layers * length, -1)

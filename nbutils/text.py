@@ -92,9 +92,10 @@ def encode_with_token_rows(
     rows = rows.to(embedding.weight.dtype)
     rows = rows.expand(len(input_ids), -1, -1) if rows.dim() == 2 else rows
     match = (input_ids[..., None] == token_ids.to(input_ids.device)).to(rows.dtype)  # (B, S, K)
+    swapped, learned = match.sum(-1, keepdim=True) > 0, torch.bmm(match, rows)  # (B, S, 1), (B, S, D)
 
     def swap(module, args, looked_up):  # looked_up: (B, S, D)
-        return torch.where(match.sum(-1, keepdim=True) > 0, torch.bmm(match, rows), looked_up.detach())
+        return torch.where(swapped, learned, looked_up.detach())
 
     handle = embedding.register_forward_hook(swap)
     try:
