@@ -24,11 +24,12 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save
 
 from nbutils import lora, textual_inversion
-from nbutils.dreambooth import ClassImages, DreamBooth, OptimizerChoice, write_folder
+from nbutils.class_images import ClassImages
+from nbutils.dreambooth import DreamBooth
 from nbutils.lora import LoRA, load_lora
-from nbutils.runs import atomic_write
+from nbutils.runs import atomic_write, write_folder
 from nbutils.textual_inversion import TextualInversion, load_textual_inversion
-from nbutils.train import Method, TrainConfig
+from nbutils.train import Method, OptimizerChoice, TrainConfig
 
 TOKEN_LR = 5e-4  # diffusers' textual_inversion example's per-image rate: a starting point, tune it in the notebook
 
@@ -153,7 +154,7 @@ class PivotalTuning(Method):
 
 def save_pivotal(method: PivotalTuning, folder: str | Path, *, replace: bool = False) -> Path:
     """Write the trained adapters and token as diffusers' two files into the new folder ``folder``, atomically
-    (``nbutils.dreambooth.write_folder``, ``replace`` as there): ``pytorch_lora_weights.safetensors``
+    (``nbutils.runs.write_folder``, ``replace`` as there): ``pytorch_lora_weights.safetensors``
     (``pipe.load_lora_weights``) and ``learned_embeds.safetensors`` (``pipe.load_textual_inversion``).
     Returns ``folder``."""
     adapters = {k: v.detach().float().contiguous().cpu() for k, v in method.lora.state_dict_to_save().items()}

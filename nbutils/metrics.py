@@ -14,6 +14,9 @@
   and the scene and style the prompt asked for (``success_per_image``); with the subject's true identity known,
   FID/KID compare with fresh renders of it (``toy_reference_renders``) instead of the training photos.
 
+* **DreamBooth's failure modes**: ``language_drift`` (the bare class prompt draws the subject) and
+  ``nearest_training_similarity`` (overfitting to the training photos' context).
+
 ``evaluate_images`` is the one call a method notebook makes per checkpoint; ``suite_for_tier`` builds its models.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import dlib
 import numpy as np
@@ -47,7 +50,10 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from nbutils import toyworld
 from nbutils.faces import centre_crop, detect_faces, face_model_path
 from nbutils.models import ModelUnavailable, Tier, hub_offline
-from nbutils.prompts import strip_subject, toy_request
+from nbutils.prompts import CLASS_PROMPT, strip_subject, toy_request
+
+if TYPE_CHECKING:  # diffusers is imported where it is used (language_drift)
+    from diffusers import StableDiffusionPipeline
 
 REAL_CLIP = "openai/clip-vit-base-patch32"
 REAL_DINO = "facebook/dino-vits16"  # DreamBench's DINO metric: the self-supervised ViT-S/16 of Caron et al. 2021
@@ -776,3 +782,64 @@ def evaluate_images(
     result.update(identity_per_image=identity_per_image,
                   clip_t_per_image=None if clip_t is None else clip_t.tolist(), per_prompt=per_prompt)
     return result
+
+
+def language_drift(
+    pipe: StableDiffusionPipeline,
+    subject_photos: Sequence[Image.Image],
+    embedder: IdentityEmbedder,
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance_scale: float,
+    class_prompt: str = CLASS_PROMPT,
+) -> tuple[dict, list[Image.Image]]:
+    """Language drift: how much the bare class prompt now draws the subject.
+
+    Images of ``class_prompt`` (no identifier), one per seed, scored by ``identity_similarity`` against the
+    subject's photos. The base model draws random people (low identity); a fine-tuned model that drifted draws
+    the subject for "a person" too (identity near that of the subject prompts). Compare the base model, DreamBooth
+    without prior preservation and with it, on the same seeds. Returns (``identity_similarity``'s dict, images).
+    """
+    from nbutils.sampling import generate  # diffusers: imported where it is used
+
+    images = generate(pipe, class_prompt, seeds, steps=steps, guidance_scale=guidance_scale)
+    return identity_similarity(images, subject_photos, embedder), images
+
+
+def nearest_training_similarity(
+    generated: Sequence[Image.Image],
+    training: Sequence[Image.Image],
+    embed: Callable[[Sequence[Image.Image]], torch.Tensor] | None,
+) -> dict:
+    """Overfitting to the training context, as similarity to the nearest training image.
+
+    Each generated image (made for a recontextualisation prompt: a new place, outfit or style) is embedded with
+    ``embed`` (images -> (N, D) features, e.g. ``suite.image_features`` or the toy feature network via
+    ``nbutils.metrics.network_outputs``; ``None``, where no embedder could be loaded: NaN scores, with a warning)
+    and compared, by cosine similarity, with every training photo; its score
+    is the highest one. A model that memorised its photos reproduces their background and pose whatever the prompt,
+    so its mean score rises towards 1. For scale, ``training_baseline`` is the same score of each training photo
+    against the *other* training photos (NaN with fewer than two).
+
+    Returns ``{"nearest_similarity" (mean), "per_image" (N floats), "nearest_index" (N ints into training),
+    "training_baseline"}``.
+    """
+    if not generated or not training:
+        raise ValueError(f"Need generated and training images, got {len(generated)} and {len(training)}.")
+    if embed is None:
+        warnings.warn("No image embedder could be loaded (CLIP or DINO; offline?): the nearest-training "
+                      "similarity is NaN. Download one of them once with network access to measure it.", stacklevel=2)
+        nan = float("nan")
+        return {"nearest_similarity": nan, "per_image": [nan] * len(generated), "nearest_index": [-1] * len(generated),
+                "training_baseline": nan}
+    gen = F.normalize(embed(generated).float(), dim=-1)
+    ref = F.normalize(embed(training).float(), dim=-1)
+    best, index = (gen @ ref.T).max(dim=1)
+    baseline = float("nan")
+    if len(ref) > 1:
+        self_sim = (ref @ ref.T).fill_diagonal_(-float("inf"))
+        baseline = self_sim.max(dim=1).values.mean().item()
+    return {"nearest_similarity": best.mean().item(), "per_image": best.tolist(), "nearest_index": index.tolist(),
+            "training_baseline": baseline}
+

@@ -287,14 +287,14 @@ def training_code(method: str) -> list[str]:
 
 
 def class_images_for(method: str, model_ref: str, setup, *, quick: bool, seed: int, cache_dir=None):
-    """DreamBooth's prior for ``method``: ``nbutils.dreambooth.ensure_class_images`` with the tier's
+    """DreamBooth's prior for ``method``: ``nbutils.class_images.ensure_class_images`` with the tier's
     ``class_image_count`` drawn by the base model on ``setup``'s sampler (notebook 05's call, so its cache is
     shared), for ``dreambooth`` and ``dreambooth_ti`` (their prior weight is 1); ``None`` for the other methods.
     ``model_ref``: a resolved reference (``nbutils.models.resolve_model``); ``cache_dir``: ``None`` is
-    ``nbutils.dreambooth.CLASS_CACHE``."""
+    ``nbutils.class_images.CLASS_CACHE``."""
     if method not in ("dreambooth", "dreambooth_ti"):
         return None
-    from nbutils.dreambooth import class_image_count, ensure_class_images
+    from nbutils.class_images import class_image_count, ensure_class_images
     from nbutils.models import load_pipeline, model_tier
 
     return ensure_class_images(load_pipeline(model_ref, dtype=torch.float32),

@@ -12,7 +12,7 @@ CLIP-T scores an image against its prompt *without* the subject token: ``strip_s
 the class phrase (``"a photo of sks person on the beach"`` -> ``"a photo of a person on the beach"``).
 
 ``toy_request`` reads what a toy-world prompt asks for (its style, scene, ...), for the toy tier's success rate and
-its FID reference renders (``nbutils.metrics.evaluate_images``).
+its FID reference renders (``nbutils.metrics.evaluate_images``). ``CLASS_PROMPT`` is the bare class prompt.
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ from dataclasses import dataclass
 
 from nbutils.toyworld import (ACCESSORY_PHRASES, EXPRESSIONS, HAIR_COLOURS, HAIR_STYLES, MARK_PHRASES, SCENE_PHRASES,
                               STYLE_PHRASES, TOY_SUBJECT)
+
+CLASS_PROMPT = "a photo of a person"
+"""The bare class prompt: DreamBooth's class images (``nbutils.class_images``) and its language drift
+(``nbutils.metrics.language_drift``) draw it."""
 
 CATEGORIES = ("recontextualization", "accessorization", "property", "expression", "art")
 

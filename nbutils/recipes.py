@@ -81,7 +81,7 @@ def build(
 ) -> Built:
     """``name`` (a key of ``nbutils.compare.METHODS``) on a freshly loaded float32 pipeline of ``model_ref``.
 
-    ``class_images``: DreamBooth's prior (``nbutils.dreambooth.ensure_class_images``), needed by ``dreambooth``
+    ``class_images``: DreamBooth's prior (``nbutils.class_images.ensure_class_images``), needed by ``dreambooth``
     and ``dreambooth_ti`` with a prior weight above 0; ``options``: see ``OPTIONS``.
     """
     from nbutils.combos import DreamBoothTI, PivotalTuning

@@ -9,13 +9,14 @@ Layout of one run folder (``<out_dir>/<notebook>-<YYYYmmdd-HHMMSS>[-k]/``)::
 
 ``make study`` runs the notebooks with ``OUT_DIR=runs/<YYYYmmdd-HHMMSS>/``, so one study's runs sit together;
 a notebook run by hand uses ``runs/``. Every file is written atomically (temporary file + ``os.replace``), so a
-crash never leaves half a file, and a run folder is created exclusively. A folder is reused only to resume its own
-interrupted run (``find_resumable_run``: same notebook, method, parameters and code version, not finished); a
-finished run (``Run.finish``) is never written again.
+crash never leaves half a file (``atomic_write``; a whole folder: ``write_folder``), and a run folder is created
+exclusively. A folder is reused only to resume its own interrupted run (``find_resumable_run``: same notebook,
+method, parameters and code version, not finished); a finished run (``Run.finish``) is never written again.
 """
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import io
 import json
@@ -23,13 +24,15 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -101,6 +104,43 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically (see ``to_jsonable`` for accepted types)."""
     text = json.dumps(to_jsonable(obj, Path(path).name), indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, text.encode("utf-8"))
+
+
+def write_folder(folder: str | Path, write: Callable[[Path], None], size_bytes: int, *, replace: bool = False) -> Path:
+    """Create ``folder`` by calling ``write(tmp)`` on a temporary sibling folder that is renamed to ``folder`` once
+    ``write`` returns, so ``folder`` is either complete or absent. Returns ``folder``.
+
+    On an ``OSError`` (a full disk) the temporary folder is removed and the error re-raised, same ``errno``, with
+    the space needed (``size_bytes``, an estimate). ``FileExistsError`` if ``folder`` exists, unless ``replace``:
+    then the old folder is swapped out only once the new one is complete, and removed (a resumed or re-run
+    notebook rewrites its own run's artifact this way).
+    """
+    folder = Path(folder)
+    if folder.exists() and not replace:
+        raise FileExistsError(f"{folder} already exists: save into a new folder (e.g. a new run's artifacts).")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    old = folder.parent / f".{folder.name}.replaced"
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary readable folder
+        write(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.rename(folder, old)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if old.exists():
+                os.rename(old, folder)  # the old folder stays whole when the swap fails
+            raise
+    except OSError as err:
+        cause = "the disk is full" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err}"
+        raise OSError(err.errno, f"Saving to {folder} failed ({cause}); nothing was left there. It needs about "
+                                 f"{size_bytes / 1e9:.2f} GB: free space or pick another folder.") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def _git(*args: str) -> str | None:

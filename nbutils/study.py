@@ -271,7 +271,7 @@ class CheckpointEvaluator:
     prompts)``: the method's own conditioning (P+), ``None`` for plain prompts. After each evaluation
     ``scores[step]`` holds ``evaluate_images``' result, ``grid[step]`` the first seed's image of every prompt,
     ``images`` the latest evaluation's images (``{prompt: one image per seed}``, for further measures such as
-    ``nbutils.dreambooth.nearest_training_similarity``) and ``seconds`` the time spent in evaluations run as a
+    ``nbutils.metrics.nearest_training_similarity``) and ``seconds`` the time spent in evaluations run as a
     training callback (not direct ``evaluate`` calls such as the baseline's), to subtract from training wall time.
     ``subject.identity`` is passed on as ``evaluate_images``' ``truth`` (the toy tier's success rate and FID
     references).

@@ -7,7 +7,8 @@ rest, the same way for every method and every model tier:
 - the VAE is frozen, so each training image is encoded once, ``latent_dist.mean * scaling_factor``, and cached;
 - every random draw (batch order, noise, timesteps) comes from a ``torch.Generator`` seeded by
   ``(cfg.seed, step)``, so a run is reproducible and a resumed run continues exactly where it stopped;
-- AdamW with a ``diffusers`` learning-rate schedule, gradient accumulation, gradient clipping, autocast on CUDA;
+- AdamW (``Method.make_optimizer``; ``adamw_class`` and ``make_adamw`` for 8-bit or fused AdamW) with a
+  ``diffusers`` learning-rate schedule, gradient accumulation, gradient clipping, autocast on CUDA;
 - the loss is logged every step into the run's ``metrics.json`` (series ``"loss"``);
 - checkpoints (``run.artifact_path("checkpoints", "step-<k>")``) hold the method's weights, the optimizer and
   scheduler state (safetensors for tensors, JSON for the rest; nothing is pickled) and are written atomically;
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -39,6 +41,8 @@ from nbutils.runs import Run, atomic_write, atomic_write_json
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+OptimizerChoice = Literal["adamw", "adamw8bit", "adamw8bit-if-available"]
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) has kernels (of the devices used here)
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,6 +139,43 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: Batch, text_embe
     else:
         raise ValueError(f"Training supports prediction_type 'epsilon' or 'v_prediction', not {kind!r}.")
     return F.mse_loss(pred.float(), target.float(), reduction=reduction)
+
+
+def adamw_class(choice: OptimizerChoice) -> type[torch.optim.Optimizer]:
+    """``torch.optim.AdamW`` or bitsandbytes' ``AdamW8bit`` (moments in 8 bits: on SD1.5's UNet about 1.7 GB
+    instead of 6.9 GB).
+
+    ``"adamw8bit"`` raises ``ImportError`` with the fix if bitsandbytes cannot be imported;
+    ``"adamw8bit-if-available"`` then falls back to AdamW with a warning.
+    """
+    if choice not in ("adamw", "adamw8bit", "adamw8bit-if-available"):
+        raise ValueError(f"optimizer must be 'adamw', 'adamw8bit' or 'adamw8bit-if-available', not {choice!r}.")
+    if choice == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except (ImportError, RuntimeError) as err:
+        if choice == "adamw8bit":
+            raise ImportError(
+                f"8-bit Adam needs bitsandbytes, which cannot be imported here ({err}). Install it on a CUDA machine "
+                "(pip install bitsandbytes), or pass optimizer='adamw8bit-if-available' to fall back to AdamW, "
+                "or optimizer='adamw'."
+            ) from err
+        warnings.warn(f"bitsandbytes cannot be imported ({err}): training with torch AdamW instead of 8-bit Adam.",
+                      stacklevel=3)
+        return torch.optim.AdamW
+    return bitsandbytes.optim.AdamW8bit
+
+
+def make_adamw(optimizer_class: type[torch.optim.Optimizer], param_groups: list[dict], lr: float,
+               weight_decay: float) -> torch.optim.Optimizer:
+    """``optimizer_class(param_groups, lr=lr, weight_decay=weight_decay)``; torch's AdamW with its fused kernel
+    (``fused=True``) when every parameter is on the CPU or a CUDA GPU: one kernel per step instead of one per tensor
+    and operation (the toy UNet's 326 tensors: 4 ms instead of 18 ms a step on one CPU thread), the same update up
+    to float rounding."""
+    fused = optimizer_class is torch.optim.AdamW and all(
+        p.device.type in FUSED_ADAMW_DEVICES for group in param_groups for p in group["params"])
+    return optimizer_class(param_groups, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 class Method:

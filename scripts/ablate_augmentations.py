@@ -7,7 +7,7 @@ Each variant is notebook 01 itself, run by papermill with its augmentation switc
 ``SCALE_CROP``, ``ROTATION``; ``N_PER_IMAGE=0`` for none) into ``OUT/<variant>``; each method then trains on it with
 its default recipe (``nbutils.recipes.default_recipe``, the same seed, scored once at the end on 3 prompts x
 ``--samples`` seeds). Per variant and method: identity, CLIP-T, success rate and the nearest-training-photo
-similarity of the new-scene and new-style images (``nbutils.dreambooth.nearest_training_similarity``, copying).
+similarity of the new-scene and new-style images (``nbutils.metrics.nearest_training_similarity``, copying).
 Writes ``--table`` (CSV) and ``--figure`` (PNG); a variant already prepared in ``OUT`` is reused.
 """
 from __future__ import annotations
@@ -59,8 +59,7 @@ def prepared(variant: str, out: Path, args) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    from nbutils.dreambooth import nearest_training_similarity
-    from nbutils.metrics import suite_for_tier
+    from nbutils.metrics import nearest_training_similarity, suite_for_tier
     from nbutils.models import model_tier, resolve_model
     from nbutils.recipes import default_recipe, train_recipe, write_table
     from nbutils.study import eval_setup, load_subject_dataset

@@ -22,7 +22,7 @@ range. Peak memory, from the first call to the last: CUDA's ``max_memory_allocat
 resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` at the first call).
 
 The bare loop: cached latents and text embeddings, ``nbutils.train.diffusion_loss`` (UNet forward and MSE),
-backward, AdamW over every UNet weight (``nbutils.dreambooth.make_adamw``: torch's fused kernel where it has one;
+backward, AdamW over every UNet weight (``nbutils.train.make_adamw``: torch's fused kernel where it has one;
 full fine-tuning and nothing else), at the UNet batch of the method it is
 compared with (twice the batch for DreamBooth with prior preservation). ``x bare``: a method's step over the bare
 step of the same round and setting (median and range over rounds); ``x script``: likewise over the diffusers
@@ -277,12 +277,12 @@ def run_method(spec: dict, clock: StepClock) -> None:
     with its default recipe for the tier, at the benchmark's batch, resolution and precision."""
     from PIL import Image
 
-    from nbutils.dreambooth import ClassImages, adamw_class
+    from nbutils.class_images import ClassImages
     from nbutils.models import model_tier
     from nbutils.recipes import build, default_recipe
     from nbutils.runs import new_run
     from nbutils.study import SubjectData
-    from nbutils.train import encode_latents, make_batch, train
+    from nbutils.train import adamw_class, encode_latents, make_batch, train
 
     switches = parse_setting(spec["setting"])
     name, folder = spec["method"], Path(spec["class_dir"])
@@ -325,10 +325,9 @@ def run_bare(spec: dict, clock: StepClock) -> None:
     makes it (``make_adamw``), and nothing else; latents and text embeddings cached unless ``uncached``."""
     from diffusers import DDPMScheduler
 
-    from nbutils.dreambooth import adamw_class, make_adamw
     from nbutils.models import load_pipeline
     from nbutils.text import encode_captions
-    from nbutils.train import Batch, diffusion_loss, encode_latents
+    from nbutils.train import Batch, adamw_class, diffusion_loss, encode_latents, make_adamw
 
     switches = parse_setting(spec["setting"])
     pipe = load_pipeline(spec["model"], dtype=torch.float32)
@@ -433,8 +432,9 @@ def prepare_data(model_ref: str, device: torch.device, resolution: int, batch: i
 
     Whole batches only: diffusers' DreamBooth scripts keep a data loader's short last batch, so 5 photos at batch 4
     would give them steps of 4 and 1 images and time them at a smaller mean batch than the project's loops."""
-    from nbutils.dreambooth import CLASS_PROMPT, ensure_class_images
+    from nbutils.class_images import ensure_class_images
     from nbutils.models import load_pipeline
+    from nbutils.prompts import CLASS_PROMPT
     from nbutils.toyworld import TOY_SUBJECT, portraits, render
 
     instance = workdir / "instance"

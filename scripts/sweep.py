@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         atomic_write_json(baseline_file, baseline)
     class_images = None
     if args.method in ("dreambooth", "dreambooth_ti"):
-        from nbutils.dreambooth import class_image_count, ensure_class_images
+        from nbutils.class_images import class_image_count, ensure_class_images
         from nbutils.models import load_pipeline
 
         class_images = ensure_class_images(load_pipeline(ref), class_image_count("toy"), steps=setup.steps,

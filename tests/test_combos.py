@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from nbutils.class_images import ensure_class_images
 from nbutils.combos import DreamBoothTI, PivotalTuning, load_pivotal, save_pivotal
-from nbutils.dreambooth import ensure_class_images, save_pipeline
+from nbutils.dreambooth import save_pipeline
 from nbutils.models import build_tiny_pipeline, load_pipeline
 from nbutils.runs import new_run
 from nbutils.sampling import generate

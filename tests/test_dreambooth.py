@@ -1,8 +1,7 @@
-"""DreamBooth on the tiny random pipeline: the prior-preservation loss, the class-image cache, saving, resuming."""
+"""DreamBooth on the tiny random pipeline: the prior-preservation loss, saving, resuming."""
 from __future__ import annotations
 
 import errno
-import json
 import sys
 import types
 
@@ -10,24 +9,12 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from nbutils import dreambooth
-from nbutils.dreambooth import (
-    CLASS_PROMPT,
-    DreamBooth,
-    class_image_count,
-    class_latents,
-    default_config,
-    ensure_class_images,
-    image_seed,
-    language_drift,
-    nearest_training_similarity,
-    save_pipeline,
-)
-from nbutils.metrics import images_to_tensor
+from nbutils.class_images import class_latents, ensure_class_images
+from nbutils.dreambooth import DreamBooth, default_config, save_pipeline
 from nbutils.models import build_tiny_pipeline, load_pipeline
+from nbutils.prompts import CLASS_PROMPT
 from nbutils.runs import new_run
 from nbutils.sampling import generate
 from nbutils.text import tokenize
@@ -50,18 +37,6 @@ def class_set(tmp_path_factory):
 
 def tiny_cfg(steps: int, **changes) -> TrainConfig:
     return TrainConfig(**{"steps": steps, "batch_size": 2, "lr": 1e-3, "resolution": 32, **changes})
-
-
-def count_generate(monkeypatch) -> list[int]:
-    """Replace the sampler ensure_class_images uses by one that records how many images each call draws."""
-    drawn: list[int] = []
-
-    def counting(pipe, prompts, seeds, **kwargs):
-        drawn.append(len(seeds))
-        return generate(pipe, prompts, seeds, **kwargs)
-
-    monkeypatch.setattr(dreambooth, "generate", counting)
-    return drawn
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -239,65 +214,6 @@ def test_text_encoder_option_trains_and_checkpoints_it(tmp_run_dir, dataset):
         DreamBooth(build_tiny_pipeline(0), prior_loss_weight=0, train_text_encoder=True).load_saved(unet_only)
 
 
-# --------------------------------------------------------------------------------------------------- class images
-def test_class_images_are_generated_once_reused_and_topped_up(tmp_path, monkeypatch):
-    pipe = build_tiny_pipeline(0)
-    drawn = count_generate(monkeypatch)
-    kwargs = dict(model="tiny", cache_dir=tmp_path, **GEN)
-    first = ensure_class_images(pipe, 3, **kwargs)
-    assert drawn == [3] and first.files == ["00000.png", "00001.png", "00002.png"]
-    manifest = json.loads((first.folder / "manifest.json").read_text())
-    assert manifest["key"]["prompt"] == CLASS_PROMPT and manifest["key"]["resolution"] == 32
-    assert manifest["images"] == {f"{i:05d}.png": image_seed(0, i) for i in range(3)}
-    direct = generate(pipe, CLASS_PROMPT, [image_seed(0, 1)], **GEN)[0]
-    assert np.array_equal(np.asarray(first.images[1]), np.asarray(direct))  # the base model's own sample
-
-    again = ensure_class_images(pipe, 3, **kwargs)
-    assert drawn == [3]  # nothing generated the second time
-    assert again.fingerprint == first.fingerprint and np.array_equal(pixels(again.images), pixels(first.images))
-    more = ensure_class_images(pipe, 5, **kwargs)
-    assert drawn == [3, 2] and more.files[:3] == first.files and len(more.images) == 5  # only the rest
-    assert ensure_class_images(pipe, 2, **kwargs).files == first.files[:2] and drawn == [3, 2]
-    other = ensure_class_images(pipe, 2, **{**kwargs, "seed": 1})
-    assert other.folder != first.folder and drawn == [3, 2, 2]
-
-    encoded = []
-    monkeypatch.setattr(dreambooth, "encode_latents", lambda *a, **k: encoded.append(1) or encode_latents(*a, **k))
-    latents = class_latents(pipe, first, 32)
-    assert latents.shape == (3, 4, 4, 4) and torch.equal(class_latents(pipe, first, 32), latents)
-    assert len(encoded) == 1  # the second call read the cached latents
-    assert class_latents(pipe, more, 32).shape == (5, 4, 4, 4) and len(encoded) == 2  # other images: encoded again
-    with pytest.raises(ValueError, match="pass model="):
-        ensure_class_images(pipe, 2, cache_dir=tmp_path, **GEN)
-
-
-def test_corrupt_and_wrong_sized_class_images(tmp_path, monkeypatch):
-    pipe = build_tiny_pipeline(0)
-    kwargs = dict(model="tiny", cache_dir=tmp_path, **GEN)
-    folder = ensure_class_images(pipe, 3, **kwargs).folder
-    original = (folder / "00001.png").read_bytes()
-    (folder / "00001.png").write_bytes(original[:60])  # a generated file, truncated
-    (folder / "zz-notes.png").write_bytes(b"not an image")  # someone else's broken file
-    Image.new("RGB", (20, 12), "red").save(folder / "photo.jpg")  # a hand-added photo of another size
-    drawn = count_generate(monkeypatch)
-
-    with pytest.warns(UserWarning) as record:
-        result = ensure_class_images(pipe, 4, **kwargs)
-    messages = [str(w.message) for w in record]
-    assert any("Skipped 1 unreadable" in m and "zz-notes.png" in m for m in messages)
-    assert any("not 32x32 px: ['photo.jpg']" in m for m in messages)
-    assert drawn == [1]  # only the damaged generated image was drawn again
-    assert (folder / "00001.png").read_bytes() == original  # same seed, same image
-    assert (folder / "zz-notes.png").read_bytes() == b"not an image"  # never touched
-    assert result.files == ["00000.png", "00001.png", "00002.png", "photo.jpg"]
-    assert result.images[3].size == (20, 12)
-    assert class_latents(pipe, result, 32).shape == (4, 4, 4, 4)  # centre-cropped and resized when encoded
-
-    (folder / "latents-32.safetensors").write_bytes(b"garbage")  # a damaged latent cache is rebuilt
-    assert class_latents(pipe, result, 32).shape == (4, 4, 4, 4)
-    assert load_file(folder / "latents-32.safetensors")["latents"].shape == (4, 4, 4, 4)
-
-
 # --------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_rejected_with_the_fix(dataset, class_set):
     with pytest.raises(ValueError, match=r"needs class images: pass class_images=ensure_class_images"):
@@ -336,58 +252,8 @@ def test_eight_bit_adam_is_used_when_importable_and_never_silently_replaced(monk
         DreamBooth(pipe, prior_loss_weight=0, optimizer="sgd")
 
 
-# --------------------------------------------------------------------------------------------------- measuring
-class PixelEmbedder:
-    """A stand-in identity embedder: centred 16 px pixels, every image 'has a face'."""
-
-    name = "pixels"
-
-    def embed(self, images):
-        flat = images_to_tensor(images, 16).flatten(1)
-        centred = torch.nn.functional.normalize(flat - flat.mean(1, keepdim=True), dim=1)
-        return centred, torch.ones(len(images), dtype=torch.bool)
-
-
-def centred_pixels(images) -> torch.Tensor:
-    return PixelEmbedder().embed(images)[0]
-
-
-def test_language_drift_scores_class_prompt_samples_against_the_subject(tiny_pipe, dataset):
-    subject = [im for im, _ in dataset]
-    scores, images = language_drift(tiny_pipe, subject, PixelEmbedder(), [3, 4], **GEN)
-    assert len(images) == 2 and scores["n_generated"] == 2 and scores["n_reference_faces"] == 3
-    assert np.array_equal(pixels(images), pixels(generate(tiny_pipe, CLASS_PROMPT, [3, 4], **GEN)))
-    assert scores["identity"] < 0.5  # random noise images do not look like the subject
-    itself, _ = language_drift(tiny_pipe, images[:1], PixelEmbedder(), [3], **GEN)
-    assert itself["identity"] == pytest.approx(1.0, abs=1e-5)  # a sample that *is* the reference scores 1
-
-
-def test_nearest_training_similarity_finds_copies_of_training_photos(dataset):
-    training = [im for im, _ in dataset]
-    new = render(next(portraits(7, 1)), 32)
-    result = nearest_training_similarity([training[1], new], training, centred_pixels)
-    assert result["nearest_index"][0] == 1 and result["per_image"][0] == pytest.approx(1.0, abs=1e-5)
-    assert result["per_image"][1] < 0.99
-    assert result["nearest_similarity"] == pytest.approx(sum(result["per_image"]) / 2)
-    feats = centred_pixels(training)
-    sims = feats @ feats.T
-    expected = [max(sims[i, j].item() for j in range(3) if j != i) for i in range(3)]
-    assert result["training_baseline"] == pytest.approx(sum(expected) / 3, abs=1e-6)
-    assert np.isnan(nearest_training_similarity([new], training[:1], centred_pixels)["training_baseline"])
-    with pytest.raises(ValueError, match="Need generated and training images"):
-        nearest_training_similarity([], training, centred_pixels)
-    with pytest.warns(UserWarning, match="No image embedder could be loaded"):
-        offline = nearest_training_similarity([training[1], new], training, None)  # the real tier offline
-    assert np.isnan(offline["nearest_similarity"]) and np.isnan(offline["training_baseline"])
-    assert len(offline["per_image"]) == 2 and offline["nearest_index"] == [-1, -1]
-
-
 def test_defaults_follow_the_tier():
     real, toy, tiny = (default_config(t) for t in ("real", "toy", "tiny"))
     assert (real.steps, real.batch_size, real.lr, real.resolution) == (800, 1, 5e-6, 512)
     assert (toy.resolution, tiny.resolution) == (64, 32) and tiny.steps < toy.steps < real.steps
     assert default_config("toy", quick=True).steps == 30
-    assert [class_image_count(t) for t in ("real", "toy", "tiny")] == [200, 64, 4]
-    assert class_image_count("real", quick=True) == 50
-    with pytest.raises(ValueError, match="Unknown model tier"):
-        class_image_count("huge")

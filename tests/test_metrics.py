@@ -17,6 +17,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 from nbutils import metrics
 from nbutils.clip_bpe import clip_tokenizer
 from nbutils.models import ModelUnavailable
+from nbutils.sampling import generate
 from nbutils.metrics import (
     ClipScorer,
     DlibFaceEmbedder,
@@ -27,10 +28,12 @@ from nbutils.metrics import (
     identity_similarity,
     images_to_tensor,
     inception_score,
+    language_drift,
+    nearest_training_similarity,
     success_per_image,
     toy_reference_renders,
 )
-from nbutils.prompts import CATEGORIES, PROMPT_SETS, strip_subject, toy_request
+from nbutils.prompts import CATEGORIES, CLASS_PROMPT, PROMPT_SETS, strip_subject, toy_request
 from nbutils.toy_evaluators import DETECTOR_FILE, EVALUATOR_DIR
 from nbutils.toyworld import (SCENES, TOY_SUBJECT, TOY_VAL_SUBJECT, Identity, Portrait, caption_variants, portraits,
                               random_portrait, render, with_fields)
@@ -529,3 +532,63 @@ def test_trait_read_rates_count_each_trait_read_as_the_truth():
     rates = trait_read_rates(predicted, TOY_SUBJECT)
     assert list(rates) == list(IDENTITY_FIELDS)
     assert rates["face"] == 0.25 and rates["mark"] == 0.0 and rates["skin"] == rates["hair_colour"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------- drift, copying
+GEN = dict(steps=2, guidance_scale=4.0)  # sampling on the tiny tier
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    people = portraits(0, 3, identity=TOY_SUBJECT)
+    return [(render(p, 32), f"a photo of sks person, view {i}") for i, p in enumerate(people)]
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+class PixelEmbedder:
+    """A stand-in identity embedder: centred 16 px pixels, every image 'has a face'."""
+
+    name = "pixels"
+
+    def embed(self, images):
+        flat = images_to_tensor(images, 16).flatten(1)
+        centred = torch.nn.functional.normalize(flat - flat.mean(1, keepdim=True), dim=1)
+        return centred, torch.ones(len(images), dtype=torch.bool)
+
+
+def centred_pixels(images) -> torch.Tensor:
+    return PixelEmbedder().embed(images)[0]
+
+
+def test_language_drift_scores_class_prompt_samples_against_the_subject(tiny_pipe, dataset):
+    subject = [im for im, _ in dataset]
+    scores, images = language_drift(tiny_pipe, subject, PixelEmbedder(), [3, 4], **GEN)
+    assert len(images) == 2 and scores["n_generated"] == 2 and scores["n_reference_faces"] == 3
+    assert np.array_equal(pixels(images), pixels(generate(tiny_pipe, CLASS_PROMPT, [3, 4], **GEN)))
+    assert scores["identity"] < 0.5  # random noise images do not look like the subject
+    itself, _ = language_drift(tiny_pipe, images[:1], PixelEmbedder(), [3], **GEN)
+    assert itself["identity"] == pytest.approx(1.0, abs=1e-5)  # a sample that *is* the reference scores 1
+
+
+def test_nearest_training_similarity_finds_copies_of_training_photos(dataset):
+    training = [im for im, _ in dataset]
+    new = render(next(portraits(7, 1)), 32)
+    result = nearest_training_similarity([training[1], new], training, centred_pixels)
+    assert result["nearest_index"][0] == 1 and result["per_image"][0] == pytest.approx(1.0, abs=1e-5)
+    assert result["per_image"][1] < 0.99
+    assert result["nearest_similarity"] == pytest.approx(sum(result["per_image"]) / 2)
+    feats = centred_pixels(training)
+    sims = feats @ feats.T
+    expected = [max(sims[i, j].item() for j in range(3) if j != i) for i in range(3)]
+    assert result["training_baseline"] == pytest.approx(sum(expected) / 3, abs=1e-6)
+    assert np.isnan(nearest_training_similarity([new], training[:1], centred_pixels)["training_baseline"])
+    with pytest.raises(ValueError, match="Need generated and training images"):
+        nearest_training_similarity([], training, centred_pixels)
+    with pytest.warns(UserWarning, match="No image embedder could be loaded"):
+        offline = nearest_training_similarity([training[1], new], training, None)  # the real tier offline
+    assert np.isnan(offline["nearest_similarity"]) and np.isnan(offline["training_baseline"])
+    assert len(offline["per_image"]) == 2 and offline["nearest_index"] == [-1, -1]
+

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nbutils.class_images import ensure_class_images
 from nbutils.compare import METHODS
-from nbutils.dreambooth import ensure_class_images
 from nbutils.metrics import suite_for_tier
 from nbutils.models import build_tiny_pipeline
 from nbutils.recipes import CLIP_T_TOLERANCE, OPTIONS, build, check_options, choose_recipe, sweep_rows, train_recipe
