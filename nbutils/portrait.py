@@ -54,7 +54,7 @@ TRAINING_CODE: dict[str, tuple[str, ...]] = {
     "lora": ("lora", "svdiff", "textual_inversion"),
     "svdiff": ("lora", "svdiff", "textual_inversion"),
     **dict.fromkeys(("dreambooth", "dreambooth_no_prior", "dreambooth_ti", "pivotal_tuning"),
-                    ("dreambooth", "combos", "lora", "textual_inversion")),
+                    ("dreambooth", "class_images", "combos", "lora", "textual_inversion")),
 }
 """``{method: nbutils modules}``: the code each method notebook fingerprints (its ``resume_or_new_run(code=...)``);
 the portrait adds ``recipes``, which builds the method (``training_code``)."""
