@@ -27,15 +27,18 @@ def encode_captions(pipe: StableDiffusionPipeline, captions: Sequence[str],
     """The text encoder's last hidden state for ``captions``: (B, 77, D), as ``pipe.encode_prompt`` makes it.
 
     ``cache=None``: encoded now, differentiable (for a text encoder that trains). With a ``cache`` dict (owned by the
-    caller, for a frozen text encoder): each distinct caption is encoded once, without gradients, and reused.
+    caller, for a frozen text encoder): each distinct caption is encoded once, on its own, without gradients, and
+    reused. On its own, because a batched encoding can differ in the last bits with the batch's other captions
+    (measured on a CPU: 2.4e-7 for two captions swapped), and a resumed run fills its cache from other batches than
+    the run it continues: its steps would then differ from the uninterrupted run's.
     """
     text_encoder = pipe.text_encoder
     if cache is None:
         return text_encoder(tokenize(pipe.tokenizer, captions).to(text_encoder.device)).last_hidden_state
-    missing = [c for c in dict.fromkeys(captions) if c not in cache]
-    if missing:
-        with torch.no_grad():
-            cache.update(zip(missing, encode_captions(pipe, missing)))
+    with torch.no_grad():
+        for caption in dict.fromkeys(captions):
+            if caption not in cache:
+                cache[caption] = encode_captions(pipe, [caption])[0]
     return torch.stack([cache[c] for c in captions])
 
 

@@ -5,7 +5,7 @@ import torch
 from torch.func import functional_call
 
 from nbutils.models import build_tiny_pipeline
-from nbutils.text import add_tokens, encode_with_token_rows, tokenize
+from nbutils.text import add_tokens, encode_captions, encode_with_token_rows, tokenize
 
 TOKENS = ["<a>", "<b>"]
 
@@ -58,3 +58,17 @@ def test_gradients_reach_the_rows_alone_and_match_a_swapped_matrix():
     swapped = weight.detach().index_put((token_ids,), reference_rows)
     (functional_call(encoder, {name: swapped}, (ids,)).last_hidden_state * target).sum().backward()
     torch.testing.assert_close(rows.grad, reference_rows.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cached_caption_is_encoded_on_its_own_whatever_its_batch():
+    """A resumed run fills its text cache from other batches than the run it continues, so a cached caption must not
+    depend on the captions encoded with it (batched, these two differ in the last bits on a CPU)."""
+    pipe = build_tiny_pipeline()
+    captions = [f"a photo of <sks> sks person, view {i}" for i in range(2)]
+    together, swapped = {}, {}
+    encode_captions(pipe, captions, together)
+    encode_captions(pipe, captions[::-1], swapped)
+    with torch.no_grad():
+        alone = {c: encode_captions(pipe, [c])[0] for c in captions}
+    assert all(torch.equal(together[c], alone[c]) and torch.equal(swapped[c], alone[c]) for c in captions)
+    assert torch.equal(encode_captions(pipe, captions, together), torch.stack([alone[c] for c in captions]))
