@@ -359,6 +359,9 @@ class Run:
 
 
 QUICK_ENV = "PORTRAIT_STUDIO_QUICK"
+PUBLISH_ENV = "PORTRAIT_STUDIO_PUBLISH"
+"""Set to ``"0"``, no run publishes (``nbutils.viz.publishes``): ``scripts/run_study.py`` sets it for a training
+notebook's second and later seeds, whose figures would otherwise replace the first seed's (the README's)."""
 
 
 def resolve_quick(quick: bool | None) -> bool:

@@ -9,6 +9,7 @@ exactly once, and saves it with ``publish`` (a run's figure) or ``save_figure`` 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from nbutils.runs import Run, atomic_write, repo_path
+from nbutils.runs import PUBLISH_ENV, Run, atomic_write, repo_path
 
 SCORE_KEYS = ("identity", "clip_t", "clip_i", "detection_rate")
 """The scores of a results table: toy or dlib identity, CLIP-T and CLIP-I cosines, share of images with a face."""
@@ -169,10 +170,11 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
 
 def publishes(run: Run) -> bool:
     """Whether ``run``'s figures go to the repo's ``figures/`` (the README shows them): only a full run (its
-    params' ``QUICK`` is ``False``) of a trained model (its ``tier`` is not ``"tiny"``); quick and test runs keep
-    theirs in the run folder."""
+    params' ``QUICK`` is ``False``) of a trained model (its ``tier`` is not ``"tiny"``), unless ``$PUBLISH_ENV`` is
+    ``"0"``; quick and test runs keep theirs in the run folder."""
     params = run.config["params"]
-    return params.get("QUICK") is False and params.get("tier") != "tiny"
+    return (params.get("QUICK") is False and params.get("tier") != "tiny"
+            and os.environ.get(PUBLISH_ENV, "1") != "0")
 
 
 def publish(fig: Figure, run: Run, name: str) -> Path:

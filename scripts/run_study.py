@@ -53,7 +53,7 @@ from traitlets import default
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from nbutils.runs import atomic_write_json, create_unique_dir, repo_path, timestamp  # noqa: E402
+from nbutils.runs import PUBLISH_ENV, atomic_write_json, create_unique_dir, repo_path, timestamp  # noqa: E402
 
 STATE_FILE = "study.json"
 TRAINING = ("02", "03", "04", "05", "06")
@@ -82,6 +82,8 @@ class CurrentInterpreterKernelManager(AsyncKernelManager):
 
     visible_devices: str | None = None
     """``CUDA_VISIBLE_DEVICES`` for the kernel (``None``: inherited)."""
+    publish: bool = True
+    """``False``: the kernel's runs keep their figures in their run folders (``nbutils.viz.PUBLISH_ENV``)."""
 
     @property
     def kernel_spec(self) -> KernelSpec:
@@ -89,15 +91,18 @@ class CurrentInterpreterKernelManager(AsyncKernelManager):
             argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             display_name="portrait-studio",
             language="python",
-            env={} if self.visible_devices is None else {"CUDA_VISIBLE_DEVICES": self.visible_devices},
+            env={**({} if self.visible_devices is None else {"CUDA_VISIBLE_DEVICES": self.visible_devices}),
+                 **({} if self.publish else {PUBLISH_ENV: "0"})},
         )
 
 
-def kernel_manager_for(gpu: str | None) -> type[CurrentInterpreterKernelManager]:
-    """The kernel manager class whose kernels see only GPU ``gpu`` (``None``: every device, as the environment)."""
-    if gpu is None:
+def kernel_manager_for(gpu: str | None, publish: bool = True) -> type[CurrentInterpreterKernelManager]:
+    """The kernel manager class whose kernels see only GPU ``gpu`` (``None``: every device, as the environment)
+    and, with ``publish`` false, keep every run's figures in its run folder."""
+    if gpu is None and publish:
         return CurrentInterpreterKernelManager
-    return type(f"KernelManagerGPU{gpu}", (CurrentInterpreterKernelManager,), {"visible_devices": gpu})
+    return type(f"KernelManagerGPU{gpu}{'' if publish else 'Unpublished'}", (CurrentInterpreterKernelManager,),
+                {"visible_devices": gpu, "publish": publish})
 
 
 def find_notebooks(folder: Path, only: str | None = None) -> list[Path]:
@@ -123,10 +128,12 @@ def describe_failure(notebook: Path, err: PapermillExecutionError) -> str:
     return f"cell {number} (In [{err.exec_count}]: {first_line})"
 
 
-def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=None, gpu: str | None = None) -> None:
+def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=None, gpu: str | None = None,
+                 publish: bool = True) -> None:
     """Execute ``notebook`` into ``output`` with ``parameters``, in the notebook's folder, with this Python.
     ``stdout_file``: a writable object that receives the cells' printed output as it comes (``None``: none);
-    ``gpu``: the only CUDA device the kernel sees (``None``: those of the environment)."""
+    ``gpu``: the only CUDA device the kernel sees (``None``: those of the environment); ``publish`` false: its
+    runs keep their figures in their run folders (a later seed's copy, ``PUBLISH_ENV``)."""
     papermill.execute_notebook(
         notebook,
         output,
@@ -135,7 +142,7 @@ def run_notebook(notebook: Path, output: Path, parameters: dict, *, stdout_file=
         language="python",
         progress_bar=False,
         cwd=notebook.parent,
-        kernel_manager_class=kernel_manager_for(gpu),
+        kernel_manager_class=kernel_manager_for(gpu, publish),
         stdout_file=stdout_file,
     )
 
@@ -270,9 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_job(notebook: Path, output: Path, parameters: dict, gpu: str | None = None) -> str | None:
-    """Execute one job of the study; ``None`` if it ran to the end, else the lines that say where it failed."""
+    """Execute one job of the study; ``None`` if it ran to the end, else the lines that say where it failed. Only
+    the executed copy named as the notebook publishes figures (not ``<name>.seed<s>.ipynb``, see ``study_jobs``)."""
     try:
-        run_notebook(notebook, output, parameters, gpu=gpu)
+        run_notebook(notebook, output, parameters, gpu=gpu, publish=output.name == notebook.name)
     except PapermillExecutionError as err:
         return (f"FAILED in {describe_failure(notebook, err)}: {err.ename}: {err.evalue}\n"
                 f"Notebook {notebook.name} failed; the executed notebook with the traceback is {output}")

@@ -136,13 +136,15 @@ def test_seeds_run_each_training_notebook_once_per_seed_and_hand_the_list_to_the
                                          metadata={"tags": ["parameters"]})
         nbformat.write(nbformat.v4.new_notebook(cells=[cell]), folder / f"{name}.ipynb")
     calls = []
-    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params, **_: calls.append(
-        (output.name, {k: v for k, v in params.items() if k in ("SEED", "SEEDS")})))
+    monkeypatch.setattr(run_study, "run_notebook", lambda nb, output, params, publish=True, **_: calls.append(
+        (output.name, {k: v for k, v in params.items() if k in ("SEED", "SEEDS")}, publish)))
     out = tmp_path / "runs"
     assert run_study.main(["--notebooks", str(folder), "--out", str(out), "--seeds", "3,1"]) == 0
-    assert calls == [("01_data.ipynb", {"SEED": 3}), ("02_train.ipynb", {"SEED": 3}),
-                     ("02_train.seed1.ipynb", {"SEED": 1}), ("05_train.ipynb", {"SEED": 3}),
-                     ("05_train.seed1.ipynb", {"SEED": 1}), ("08_eval.ipynb", {"SEED": 3, "SEEDS": [3, 1]})]
+    # only the first seed's copies publish their figures (the README's); a later seed's would replace them
+    assert calls == [("01_data.ipynb", {"SEED": 3}, True), ("02_train.ipynb", {"SEED": 3}, True),
+                     ("02_train.seed1.ipynb", {"SEED": 1}, False), ("05_train.ipynb", {"SEED": 3}, True),
+                     ("05_train.seed1.ipynb", {"SEED": 1}, False),
+                     ("08_eval.ipynb", {"SEED": 3, "SEEDS": [3, 1]}, True)]
     assert "[3/6] 02_train (seed 1) ... ok in" in capsys.readouterr().out
     [study] = list(out.iterdir())
     assert len(json.loads((study / "study.json").read_text())["done"]) == 6
@@ -161,6 +163,22 @@ time.sleep(1.5)
 Path(OUT_DIR, NAME + ".json").write_text(json.dumps(
     {"start": start, "end": time.time(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}))
 """
+
+
+def test_an_unpublished_notebooks_kernel_keeps_its_runs_figures_in_the_run_folder(tmp_path):
+    from nbutils.runs import PUBLISH_ENV, new_run
+    from nbutils.viz import publishes
+
+    assert publishes(new_run("02_x", {"QUICK": False, "tier": "toy"}, out_dir=tmp_path / "runs"))
+    check = (f"import os\nfrom nbutils.runs import new_run\nfrom nbutils.viz import publishes\n"
+             f"run = new_run('02_x', {{'QUICK': False, 'tier': 'toy'}}, out_dir={str(tmp_path / 'runs')!r})\n"
+             f"seen = os.environ.get({PUBLISH_ENV!r}, 'unset') + ' ' + str(publishes(run))\n"
+             f"open({str(tmp_path / 'seen.txt')!r}, 'w').write(seen)")
+    write_notebook(tmp_path / "02_x.ipynb", f"import sys\nsys.path.insert(0, {str(REPO_ROOT)!r})", check,
+                   parameters=False)
+    for publish, seen in [(False, "0 False"), (True, "unset True")]:
+        run_study.run_notebook(tmp_path / "02_x.ipynb", tmp_path / "out.ipynb", {}, publish=publish)
+        assert (tmp_path / "seen.txt").read_text() == seen
 
 
 def test_gpus_run_training_notebooks_concurrently_one_per_gpu_in_the_order_they_need(tmp_path, capsys):
